@@ -1,0 +1,1 @@
+"""Shared pieces of the serving system: configuration, logging and the `mss` command."""

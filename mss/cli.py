@@ -1,0 +1,43 @@
+"""The `mss` command: one subcommand per process role, plus `up`, `status` and `scale`.
+
+Each role's package exposes `add_arguments(parser)` and `run(args) -> int` in
+its `main` module; this file only wires them together and imports lazily so
+`mss gateway` never pays for importing the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("mss.up", "controller, one scheduler, gateway and the configured replicas here"),
+    "controller": ("controller.main", "run the head controller"),
+    "scheduler": ("scheduler.main", "run a node scheduler"),
+    "gateway": ("gateway.main", "run the HTTP/SSE gateway"),
+    "replica": ("replica.main", "run one replica (engine + gRPC server)"),
+    "status": ("controller.admin", "print nodes, deployments and replicas"),
+    "scale": ("controller.admin_scale", "set a deployment's replica count"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="mss", description="Distributed LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage and exits
+        return 2
+    module_name, help_text = COMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    role = argparse.ArgumentParser(prog=f"mss {argv[0]}", description=help_text)
+    module.add_arguments(role)
+    args = role.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

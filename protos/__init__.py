@@ -1,0 +1,1 @@
+"""Generated gRPC code for the wire contract in `*.proto` (see `python -m protos.build`)."""
