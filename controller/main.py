@@ -1,0 +1,135 @@
+"""`mss controller`: the head controller (gRPC service, reconcile loop, SQLite state, /metrics).
+
+At start the controller loads its saved state, then applies the config file if
+one is given (a deployment unchanged since the last apply keeps its scaled
+replica count). With neither saved state nor a file it serves one replica of
+the bundled model. Schedulers that still run replicas report them within a
+heartbeat and those replicas are kept, not restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import grpc
+from prometheus_client import start_http_server
+
+from controller.control_loop import ControlLoop
+from controller.deployment_state import DeploymentState
+from controller.route_publisher import RoutePublisher
+from controller.server import ControllerService
+from controller.store import Store
+from mss.config import ClusterConfig, ConfigError, ControllerSettings, load_config
+from mss.logs import setup_logging
+from protos import controller_pb2_grpc
+
+log = logging.getLogger("controller")
+
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="deployments file (YAML or JSON)")
+    parser.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gRPC port (default from config: 50051)")
+    parser.add_argument("--metrics-port", type=int, help="/metrics port, 0 for none (default 9101)")
+    parser.add_argument(
+        "--state", help="SQLite state file (default ~/.cache/mss/controller.sqlite)"
+    )
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds between heartbeats")
+    parser.add_argument("--dead-after", type=int, help="missed heartbeats before a node is dead")
+    parser.add_argument("--drain-timeout", type=float, help="seconds a stopping replica may drain")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def settings_from(args: argparse.Namespace, config: ClusterConfig) -> ControllerSettings:
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "state_path": args.state,
+        "heartbeat_interval_s": args.heartbeat_interval,
+        "dead_after_heartbeats": args.dead_after,
+        "drain_timeout_s": args.drain_timeout,
+    }
+    data = config.controller.model_dump()
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ControllerSettings.model_validate(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("controller", args.log_format, args.log_level)
+    try:
+        config = load_config(args.config)
+        settings = settings_from(args, config)
+    except (ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return asyncio.run(serve(settings, config if args.config else None))
+
+
+async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> int:
+    store = Store(settings.state_path)
+    snap = await asyncio.to_thread(store.load)
+    state = DeploymentState(settings)
+    if snap is not None:
+        state.restore(snap)
+    publisher = RoutePublisher(snap.routing_version if snap else 0)
+    if config is not None:
+        state.apply(config.deployments)
+    elif snap is None:
+        state.apply(ClusterConfig().deployments)
+    loop = ControlLoop(state, publisher, store)
+    await loop.tick()
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    controller_pb2_grpc.add_ControllerServicer_to_server(
+        ControllerService(state, publisher, loop), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        log.error("cannot listen on %s (in use?)", address)
+        store.close()
+        return 1
+    await server.start()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
+    log.info(
+        "controller on %s:%d, state %s, metrics port %s",
+        settings.host,
+        port,
+        store.path,
+        settings.metrics_port or "off",
+    )
+
+    stop = asyncio.Event()
+    aio_loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aio_loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(loop.run(), name="control-loop")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("controller stopping")
+    runner.cancel()
+    stopping.cancel()
+    await asyncio.gather(runner, stopping, return_exceptions=True)
+    publisher.close()
+    await server.stop(grace=1.0)
+    await loop.save()
+    store.close()
+    log.info("controller stopped")
+    return 0
