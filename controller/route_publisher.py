@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from protos import controller_pb2 as pb
 
@@ -56,7 +56,7 @@ class RoutePublisher:
         self._closed = True
         self._changed.set()
 
-    async def watch(self, known_version: int) -> AsyncIterator[pb.RoutingTable]:
+    async def watch(self, known_version: int) -> AsyncGenerator[pb.RoutingTable, None]:
         """Yield the current table whenever it is newer than what the watcher holds."""
         known = known_version
         while not self._closed:

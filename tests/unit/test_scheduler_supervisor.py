@@ -179,13 +179,15 @@ async def test_gpus_are_handed_out_and_given_back() -> None:
     await sup.update()
     ids = sorted(spec.gpu_ids for spec, _ in launcher.spawned)
     assert ids == [(0,), (1,)]
-    assert "waiting for 1 free GPUs" in next(s.message for s in sup.statuses() if s.replica_id == "c")
+    waiting = next(s.message for s in sup.statuses() if s.replica_id == "c")
+    assert "waiting for 1 free GPUs" in waiting
     first = launcher.spawned[0][0].replica_id
     sup.stop(first)
     launcher.proc(first).code = 0
     await sup.update()
     await sup.update()
-    assert len(launcher.spawned) == 3 and launcher.spawned[2][0].gpu_ids == launcher.spawned[0][0].gpu_ids
+    assert len(launcher.spawned) == 3
+    assert launcher.spawned[2][0].gpu_ids == launcher.spawned[0][0].gpu_ids
 
 
 async def test_agent_applies_assignments() -> None:
