@@ -129,6 +129,11 @@ class GatewaySettings(StrictModel):
     slow_client_timeout_s: float = Field(10.0, gt=0, le=3600)
     """A client that reads nothing for this long is dropped and its request aborted."""
     stream_buffer_chunks: int = Field(256, ge=1, le=1_000_000)
+    """Deltas a stream may hold unread; past it the client is too slow and is dropped."""
+    max_in_flight_per_client: int = Field(0, ge=0, le=1_000_000)
+    """Concurrent requests one client (API key, else address) may have; past it 429. 0: no limit."""
+    replica_failure_threshold: int = Field(3, ge=1, le=100)
+    """Failed calls in a row after which a replica leaves the rotation until a probe succeeds."""
     api_keys: list[str] = Field(default_factory=list)
     """When set, requests need `Authorization: Bearer <key>`."""
 

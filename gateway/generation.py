@@ -1,0 +1,416 @@
+"""One generation request end to end: admission, replica choice with retries, streaming.
+
+The response is written straight to the ASGI `send` (no response framework in
+the per-token path). The HTTP status is chosen when the first token (or the
+first failure) arrives, so failures before any output are retried on another
+replica or answered with a precise status; after the first token a failure
+ends the stream with an explicit error event: never silent truncation, never
+duplicated text (a started request is never retried).
+
+Cancellation has one path: the client leaving (seen by a watcher on `receive`)
+or being dropped as too slow releases the request's sink, which sends a
+CancelRequest on the replica stream; the replica aborts the engine request.
+Slots and counters are given back in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import orjson
+
+from gateway.admission import ClientLimiter, ModelAdmission
+from gateway.api_models import GenerationInput
+from gateway.errors import ApiError
+from gateway.http_protocol import TRANSPORT_KEY
+from gateway.replica_client import RequestSink
+from gateway.routing_table import ModelRouter
+from gateway.sse import StreamFormat
+from protos import replica_pb2
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+_STATUS_FOR_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT.value[0]: 400,
+    grpc.StatusCode.OUT_OF_RANGE.value[0]: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: 503,
+    grpc.StatusCode.UNAVAILABLE.value[0]: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED.value[0]: 504,
+}
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ClientGone(Exception):
+    """The client disconnected (or was dropped) before its response ended."""
+
+
+def replica_error(code: int, message: str) -> ApiError:
+    status = _STATUS_FOR_CODE.get(code, 502)
+    retry_after = 1.0 if status == 503 else None
+    name = grpc.StatusCode.UNKNOWN.name
+    for sc in grpc.StatusCode:
+        if sc.value[0] == code:
+            name = sc.name
+    return ApiError(status, message, code=name.lower(), retry_after=retry_after)
+
+
+@dataclass(eq=False, slots=True)
+class Flow:
+    """A request in progress as the disconnect watcher and slow-client watchdog see it."""
+
+    model: str
+    transport: Any = None
+    task: asyncio.Task[Any] | None = None
+    sink: RequestSink | None = None
+    gone: bool = False
+    dropped: bool = False
+    send_started: float = 0.0
+    """Loop time a blocked body write began; 0 when no write is pending."""
+    gone_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def leave(self) -> None:
+        self.gone = True
+        self.gone_event.set()
+        if self.sink is not None:
+            self.sink.wake()
+
+
+def build_request(
+    inp: GenerationInput, request_id: str, max_tokens: int
+) -> replica_pb2.GenerateRequest:
+    req = replica_pb2.GenerateRequest(
+        request_id=request_id, prompt=inp.prompt, max_tokens=max_tokens, stop=inp.stop
+    )
+    for role, content in inp.messages:
+        req.messages.add(role=role, content=content)
+    if inp.temperature is not None:
+        req.temperature = inp.temperature
+    if inp.top_p is not None:
+        req.top_p = inp.top_p
+    if inp.seed is not None:
+        req.seed = inp.seed
+    return req
+
+
+class GenerationService:
+    """Runs generations; holds the flows in progress for the slow-client watchdog."""
+
+    def __init__(
+        self,
+        *,
+        retries: int,
+        buffer_chunks: int,
+        slow_client_timeout_s: float,
+        limiter: ClientLimiter,
+    ) -> None:
+        self.retries = retries
+        self.buffer_chunks = buffer_chunks
+        self.slow_client_timeout_s = slow_client_timeout_s
+        self.limiter = limiter
+        self.flows: set[Flow] = set()
+
+    async def run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        router: ModelRouter,
+        inp: GenerationInput,
+        max_tokens: int,
+        fmt: StreamFormat,
+        request_id: str,
+        client_key: str,
+    ) -> int:
+        """Serve one generation; returns the HTTP status sent. Raises ApiError before any byte."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        flow = Flow(router.name, (scope.get("extensions") or {}).get(TRANSPORT_KEY))
+        flow.task = asyncio.current_task()
+        self.limiter.acquire(client_key)
+        watcher = asyncio.create_task(self._watch(receive, flow), name="disconnect-watch")
+        self.flows.add(flow)
+        try:
+            await self._admit(router.admission, flow)
+            try:
+                router.metrics.queue.observe(loop.time() - arrived)
+                req = build_request(inp, request_id, max_tokens)
+                client, sink = await self._first(router, req, inp.session_key, flow)
+                try:
+                    if inp.stream:
+                        return await self._stream(
+                            send, router, sink, fmt, flow, arrived, request_id
+                        )
+                    return await self._collect(send, router, sink, fmt, flow, arrived, request_id)
+                finally:
+                    if not sink.ended:
+                        router.metrics.aborts.inc()
+                    client.release(sink)
+            finally:
+                router.admission.release()
+        except ClientGone:
+            router.metrics.disconnects.inc()
+            return 499
+        finally:
+            self.flows.discard(flow)
+            self.limiter.release(client_key)
+            watcher.cancel()
+
+    async def _watch(self, receive: Receive, flow: Flow) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                flow.leave()
+                return
+
+    async def _admit(self, admission: ModelAdmission, flow: Flow) -> None:
+        if admission.try_acquire():
+            return
+        waiting = asyncio.ensure_future(admission.acquire())
+        gone = asyncio.ensure_future(flow.gone_event.wait())
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting.done():
+            waiting.result()  # raises the 503 when the queue is full
+            if flow.gone:
+                admission.release()
+                raise ClientGone
+            return
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        raise ClientGone
+
+    async def _first(
+        self,
+        router: ModelRouter,
+        req: replica_pb2.GenerateRequest,
+        key: str | None,
+        flow: Flow,
+    ) -> tuple[Any, RequestSink]:
+        """Submit to a replica and wait for its first output, retrying failures elsewhere."""
+        loop = asyncio.get_running_loop()
+        base_id = req.request_id
+        exclude: set[str] = set()
+        failure: tuple[int, str] | None = None
+        for attempt in range(self.retries + 1):
+            client = router.pick(key, exclude)
+            if client is None:
+                break
+            if attempt:
+                router.metrics.retries.inc()
+                req.request_id = f"{base_id}.{attempt}"
+            submitted = loop.time()
+            sink = client.submit(req, self.buffer_chunks)
+            flow.sink = sink
+            try:
+                while not sink.items and not flow.gone:
+                    await sink.wait()
+            except BaseException:
+                client.release(sink)
+                raise
+            if flow.gone:
+                client.release(sink)
+                router.metrics.aborts.inc()
+                raise ClientGone
+            first = sink.items[0]
+            if first.finish_reason != "error":
+                client.stats.observe_ttft(loop.time() - submitted)
+                return client, sink
+            client.release(sink)
+            failure = (first.error.code, first.error.message or "replica error")
+            if first.error.code not in _RETRYABLE:
+                break
+            exclude.add(client.replica_id)
+            log.info(
+                "attempt %d on %s failed before the first token: %s",
+                attempt + 1,
+                client.replica_id,
+                failure[1],
+            )
+        if failure is None:
+            raise ApiError(
+                503,
+                f"model {router.name!r} has no ready replica; retry later",
+                code="no_replica",
+                retry_after=1.0,
+            )
+        raise replica_error(*failure)
+
+    async def _write(self, send: Send, flow: Flow, body: bytes, more: bool) -> None:
+        flow.send_started = asyncio.get_running_loop().time()
+        try:
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if flow.dropped and task is not None and task.uncancel() == 0:
+                flow.leave()
+                return
+            raise
+        finally:
+            flow.send_started = 0.0
+
+    async def _stream(
+        self,
+        send: Send,
+        router: ModelRouter,
+        sink: RequestSink,
+        fmt: StreamFormat,
+        flow: Flow,
+        arrived: float,
+        request_id: str,
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        m = router.metrics
+        token = fmt.token
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        parts: list[bytes] = [fmt.first()]
+        produced = 0
+        first_sent = False
+        last = 0.0
+        while True:
+            finish: replica_pb2.RequestDelta | None = None
+            for delta in sink.take():
+                if delta.text:
+                    parts.append(token(delta.text))
+                produced += delta.num_tokens
+                if delta.finish_reason:
+                    finish = delta
+            now = loop.time()
+            if finish is not None or sink.overflowed:
+                return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
+            if parts:
+                await self._write(send, flow, b"".join(parts), True)
+                parts = []
+                if first_sent:
+                    m.itl.observe(now - last)
+                else:
+                    m.ttft.observe(now - arrived)
+                    first_sent = True
+                last = now
+            if flow.gone:
+                raise ClientGone
+            await sink.wait()
+            if flow.gone:
+                raise ClientGone
+
+    async def _end_stream(
+        self,
+        send: Send,
+        router: ModelRouter,
+        sink: RequestSink,
+        fmt: StreamFormat,
+        flow: Flow,
+        parts: list[bytes],
+        finish: replica_pb2.RequestDelta | None,
+        arrived: float,
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        m = router.metrics
+        if finish is None or finish.finish_reason == "error":
+            if finish is None:
+                message = "the client read too slowly; the request was aborted"
+                log.warning("dropping slow reader: stream buffer full")
+                code = "slow_client"
+            else:
+                message = f"generation failed after output began: {finish.error.message}"
+                log.warning("%s", message)
+                code = "upstream_failed"
+            parts.append(fmt.error(message, code))
+        else:
+            parts.append(
+                fmt.final(finish.finish_reason, finish.prompt_tokens, finish.completion_tokens)
+            )
+            parts.append(fmt.done)
+            m.prompt_tokens.inc(finish.prompt_tokens)
+            m.output_tokens.inc(finish.completion_tokens)
+        await self._write(send, flow, b"".join(parts), False)
+        if flow.gone:
+            raise ClientGone
+        m.e2e.observe(loop.time() - arrived)
+        return 200
+
+    async def _collect(
+        self,
+        send: Send,
+        router: ModelRouter,
+        sink: RequestSink,
+        fmt: StreamFormat,
+        flow: Flow,
+        arrived: float,
+        request_id: str,
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        texts: list[str] = []
+        finish: replica_pb2.RequestDelta | None = None
+        while finish is None:
+            for delta in sink.take():
+                texts.append(delta.text)
+                if delta.finish_reason:
+                    finish = delta
+            if finish is None:
+                if flow.gone:
+                    raise ClientGone
+                await sink.wait()
+        if finish.finish_reason == "error":
+            raise replica_error(finish.error.code, f"generation failed: {finish.error.message}")
+        body = orjson.dumps(
+            fmt.whole(
+                "".join(texts), finish.finish_reason, finish.prompt_tokens, finish.completion_tokens
+            )
+        )
+        m = router.metrics
+        m.ttft.observe(loop.time() - arrived)
+        m.prompt_tokens.inc(finish.prompt_tokens)
+        m.output_tokens.inc(finish.completion_tokens)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await self._write(send, flow, body, False)
+        m.e2e.observe(loop.time() - arrived)
+        return 200
+
+    async def watchdog(self) -> None:
+        """Drop clients whose pending write has not finished within the timeout."""
+        loop = asyncio.get_running_loop()
+        timeout = self.slow_client_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            for flow in list(self.flows):
+                if flow.send_started and not flow.dropped and now - flow.send_started > timeout:
+                    self._drop(flow)
+
+    def _drop(self, flow: Flow) -> None:
+        log.warning(
+            "dropping a client of %s that read nothing for %.1f s",
+            flow.model,
+            self.slow_client_timeout_s,
+        )
+        flow.dropped = True
+        flow.leave()
+        if flow.transport is not None:
+            flow.transport.abort()
+        elif flow.task is not None:
+            flow.task.cancel()

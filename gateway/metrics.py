@@ -1,0 +1,170 @@
+"""Gateway Prometheus metrics, right with one worker process or many.
+
+With `--workers N` the parent sets PROMETHEUS_MULTIPROC_DIR before the workers
+start; prometheus_client then keeps every value in per-process files and
+`render()` merges them, so any worker's /metrics shows the whole gateway.
+Gauges sum over live workers, except the table version and the replica load
+(the most recent report wins).
+
+Hot-path cost: per request, a few counter/histogram updates on children
+bound once per model; per delivery to the client, one ITL observation.
+Gauges are refreshed from the gateway's counters once a second, not per request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUESTS = Counter(
+    "mss_gateway_requests_total",
+    "Requests answered, by route and HTTP status.",
+    ["model", "route", "code"],
+)
+TTFT = Histogram(
+    "mss_gateway_ttft_seconds",
+    "Time from arrival to the first token sent.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+ITL = Histogram(
+    "mss_gateway_itl_seconds",
+    "Gap between successive token deliveries to a client.",
+    ["model"],
+    buckets=ITL_BUCKETS,
+)
+E2E = Histogram(
+    "mss_gateway_e2e_seconds",
+    "Time from arrival to the end of the response.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE = Histogram(
+    "mss_gateway_queue_seconds",
+    "Time waiting for an admission slot.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge(
+    "mss_gateway_in_flight",
+    "Requests holding an admission slot.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+QUEUED = Gauge(
+    "mss_gateway_queued",
+    "Requests waiting for an admission slot.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+PROMPT_TOKENS = Counter(
+    "mss_gateway_prompt_tokens", "Prompt tokens of finished requests.", ["model"]
+)
+OUTPUT_TOKENS = Counter("mss_gateway_output_tokens", "Tokens streamed to clients.", ["model"])
+RETRIES = Counter("mss_gateway_retries", "Requests retried on another replica.", ["model"])
+REJECTIONS = Counter(
+    "mss_gateway_rejections",
+    "Requests refused, by reason (capacity|rate|invalid|auth).",
+    ["model", "reason"],
+)
+DISCONNECTS = Counter(
+    "mss_gateway_client_disconnects", "Clients gone before their response ended.", ["model"]
+)
+ABORTS = Counter("mss_gateway_aborts", "Engine requests cancelled by the gateway.", ["model"])
+ROUTING = Counter(
+    "mss_gateway_routing_decisions",
+    "Replica choices, by strategy.",
+    ["model", "replica", "strategy"],
+)
+REPLICA_RUNNING = Gauge(
+    "mss_gateway_replica_running",
+    "Running requests a replica last reported.",
+    ["model", "replica"],
+    multiprocess_mode="mostrecent",
+)
+REPLICA_WAITING = Gauge(
+    "mss_gateway_replica_waiting",
+    "Waiting requests a replica last reported.",
+    ["model", "replica"],
+    multiprocess_mode="mostrecent",
+)
+REPLICA_KV = Gauge(
+    "mss_gateway_replica_kv_cache_usage",
+    "KV-cache use (0-1) a replica last reported.",
+    ["model", "replica"],
+    multiprocess_mode="mostrecent",
+)
+TABLE_VERSION = Gauge(
+    "mss_gateway_routing_table_version",
+    "Version of the routing table in use.",
+    multiprocess_mode="max",
+)
+
+
+@dataclass(slots=True)
+class ModelMetrics:
+    """Children bound once per model, so the hot path does no label lookups."""
+
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue: Histogram
+    prompt_tokens: Counter
+    output_tokens: Counter
+    retries: Counter
+    disconnects: Counter
+    aborts: Counter
+
+
+_models: dict[str, ModelMetrics] = {}
+
+
+def for_model(model: str) -> ModelMetrics:
+    found = _models.get(model)
+    if found is None:
+        found = ModelMetrics(
+            ttft=TTFT.labels(model),
+            itl=ITL.labels(model),
+            e2e=E2E.labels(model),
+            queue=QUEUE.labels(model),
+            prompt_tokens=PROMPT_TOKENS.labels(model),
+            output_tokens=OUTPUT_TOKENS.labels(model),
+            retries=RETRIES.labels(model),
+            disconnects=DISCONNECTS.labels(model),
+            aborts=ABORTS.labels(model),
+        )
+        _models[model] = found
+    return found
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of the whole gateway (all workers in multiprocess mode)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a dead worker's live gauges (multiprocess mode)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

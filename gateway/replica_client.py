@@ -1,0 +1,363 @@
+"""The gateway's side of one replica: long-lived multiplexed Generate streams and health.
+
+Requests are not one gRPC call each. The client keeps one (or a few) Generate
+streams open per replica and writes every request onto one of them, tagged
+with its request id; the replica answers with one message per engine step
+holding the deltas of every request that advanced. A reader task per stream
+hands each delta to the request's `RequestSink`, a bounded inbox the HTTP
+handler drains; nothing on this path waits for a slow client.
+
+Failures: when a stream breaks, every request on it gets an UNAVAILABLE error
+delta (retryable if it had produced nothing yet) and the stream reopens on the
+next request. Transport failures count toward `failure_threshold`; past it,
+or when the replica says it is not ready (UNAVAILABLE from the replica, or
+Health not ready), the replica leaves the rotation and a probe brings it back
+after a successful Health call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import grpc
+
+from gateway.routing import ReplicaStats
+from protos import replica_pb2, replica_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+PROBE_TIMEOUT_S = 2.0
+PROBE_MAX_DELAY_S = 2.0
+
+
+class RequestSink:
+    """The inbox of one request on a replica stream; bounded, never blocks the reader.
+
+    `push` appends a delta and wakes the waiting handler. When more than `limit`
+    deltas wait unread (the client is not reading), the request is cancelled on
+    the replica and the sink is marked overflowed.
+    """
+
+    __slots__ = ("_waiter", "ended", "items", "limit", "overflowed", "request_id", "stream")
+
+    def __init__(self, request_id: str, stream: GenerateStream, limit: int) -> None:
+        self.request_id = request_id
+        self.stream = stream
+        self.limit = limit
+        self.items: list[replica_pb2.RequestDelta] = []
+        self.ended = False
+        """True once the last delta (finish_reason set) arrived or the request was dropped."""
+        self.overflowed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, delta: replica_pb2.RequestDelta) -> None:
+        items = self.items
+        items.append(delta)
+        if delta.finish_reason:
+            self.ended = True
+        elif len(items) > self.limit and not self.overflowed:
+            self.overflowed = True
+            self.ended = True
+            self.stream.cancel(self.request_id)
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once there are deltas to take, the request ended, or `wake` was called."""
+        if self.items or self.ended:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> list[replica_pb2.RequestDelta]:
+        items = self.items
+        if items:
+            self.items = []
+        return items
+
+
+def error_delta(request_id: str, code: int, message: str) -> replica_pb2.RequestDelta:
+    return replica_pb2.RequestDelta(
+        request_id=request_id,
+        finish_reason="error",
+        error=replica_pb2.RequestError(code=code, message=message),
+    )
+
+
+class GenerateStream:
+    """One open Generate call: a writer draining the outbox and a reader dispatching deltas."""
+
+    def __init__(self, client: ReplicaClient, number: int) -> None:
+        self.client = client
+        self.number = number
+        self.pending: dict[str, RequestSink] = {}
+        self.closed = False
+        self._outbox: deque[replica_pb2.GenerateClientMessage] = deque()
+        self._wake = asyncio.Event()
+        self.call = client.stub.Generate(wait_for_ready=False)
+        self._writer = asyncio.create_task(self._write(), name=f"replica-write-{client.replica_id}")
+        self._reader = asyncio.create_task(self._read(), name=f"replica-read-{client.replica_id}")
+
+    def submit(self, request: replica_pb2.GenerateRequest, limit: int) -> RequestSink:
+        rid = request.request_id
+        if rid in self.pending:
+            rid = f"{rid}~{next(self.client.suffixes)}"
+            request.request_id = rid
+        sink = RequestSink(rid, self, limit)
+        self.pending[rid] = sink
+        self._outbox.append(replica_pb2.GenerateClientMessage(request=request))
+        self._wake.set()
+        return sink
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request on the replica; later deltas for it are dropped."""
+        if self.pending.pop(request_id, None) is not None and not self.closed:
+            cancel = replica_pb2.CancelRequest(request_id=request_id)
+            self._outbox.append(replica_pb2.GenerateClientMessage(cancel=cancel))
+            self._wake.set()
+
+    async def _write(self) -> None:
+        outbox = self._outbox
+        try:
+            while not self.closed:
+                while outbox:
+                    await self.call.write(outbox.popleft())
+                self._wake.clear()
+                await self._wake.wait()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # The reader sees the same failure and fails the stream's requests.
+            log.debug("write to %s failed: %r", self.client.address, exc)
+
+    async def _read(self) -> None:
+        client = self.client
+        stats = client.stats
+        pending = self.pending
+        reason = "stream ended"
+        try:
+            while True:
+                reply = await self.call.read()
+                if reply is grpc.aio.EOF:
+                    break
+                for delta in reply.deltas:
+                    sink = pending.get(delta.request_id)
+                    if sink is None:
+                        continue
+                    if delta.finish_reason:
+                        del pending[delta.request_id]
+                        if delta.error.code == UNAVAILABLE:
+                            client.mark_not_ready(delta.error.message)
+                    sink.push(delta)
+                load = reply.load
+                stats.running = load.running
+                stats.waiting = load.waiting
+                stats.kv_cache_usage = load.kv_cache_usage
+                stats.max_in_flight = load.max_in_flight
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            self._fail_all("gateway closing the replica connection")
+            raise
+        self._fail_all(f"replica {client.replica_id} stream failed ({reason})")
+        if not client.closing:
+            client.transport_failed(reason)
+
+    def _fail_all(self, message: str) -> None:
+        self.closed = True
+        self._wake.set()
+        self.client.stream_closed(self)
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for sink in pending:
+            sink.push(error_delta(sink.request_id, UNAVAILABLE, message))
+
+    async def close(self) -> None:
+        self.closed = True
+        self.call.cancel()
+        self._wake.set()
+        for task in (self._writer, self._reader):
+            task.cancel()
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+
+
+class ReplicaClient:
+    """Connection, streams, health and routing stats of one replica."""
+
+    def __init__(
+        self,
+        model: str,
+        replica_id: str,
+        address: str,
+        *,
+        streams: int = 1,
+        failure_threshold: int = 3,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.replica_id = replica_id
+        self.address = address
+        self.stats = ReplicaStats(replica_id, healthy=False)
+        self.failure_threshold = failure_threshold
+        self.failures = 0
+        self.closing = False
+        self.suffixes = itertools.count(1)
+        self._n_streams = max(1, streams)
+        self._streams: list[GenerateStream] = []
+        self._stream_numbers = itertools.count(1)
+        self._next_stream = 0
+        self._probe: asyncio.Task[None] | None = None
+        self._on_change = on_change
+        self._idle = asyncio.Event()
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
+
+    # Requests
+
+    def submit(self, request: replica_pb2.GenerateRequest, buffer_limit: int) -> RequestSink:
+        """Send a request on one of the replica's streams; deltas arrive in the sink."""
+        streams = self._streams
+        if len(streams) < self._n_streams:
+            stream = GenerateStream(self, next(self._stream_numbers))
+            streams.append(stream)
+        else:
+            self._next_stream = (self._next_stream + 1) % len(streams)
+            stream = streams[self._next_stream]
+        self.stats.in_flight += 1
+        return stream.submit(request, buffer_limit)
+
+    def release(self, sink: RequestSink) -> None:
+        """The request is over for the gateway: abort it on the replica if still running."""
+        self.stats.in_flight -= 1
+        if self.stats.removed and self.stats.in_flight == 0:
+            self._idle.set()
+        if not sink.ended:
+            sink.ended = True
+            sink.stream.cancel(sink.request_id)
+
+    def stream_closed(self, stream: GenerateStream) -> None:
+        with contextlib.suppress(ValueError):
+            self._streams.remove(stream)
+
+    # Health
+
+    def start(self) -> None:
+        """Probe the replica; it joins the rotation once Health says ready."""
+        self._ensure_probe()
+
+    def mark_not_ready(self, reason: str) -> None:
+        """The replica said it cannot take requests (loading, draining)."""
+        if self.stats.healthy:
+            log.warning("replica %s (%s) not ready: %s", self.replica_id, self.address, reason)
+            self._set_healthy(False)
+        self._ensure_probe()
+
+    def transport_failed(self, reason: str) -> None:
+        self.failures += 1
+        log.warning(
+            "replica %s (%s) failed (%d in a row): %s",
+            self.replica_id,
+            self.address,
+            self.failures,
+            reason,
+        )
+        if self.failures >= self.failure_threshold and self.stats.healthy:
+            self._set_healthy(False)
+        self._ensure_probe()
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if self.stats.healthy != healthy:
+            self.stats.healthy = healthy
+            if healthy:
+                log.info("replica %s (%s) is in rotation", self.replica_id, self.address)
+            else:
+                log.warning("replica %s (%s) left the rotation", self.replica_id, self.address)
+            if self._on_change is not None:
+                self._on_change()
+
+    def _ensure_probe(self) -> None:
+        if self.closing or (self._probe is not None and not self._probe.done()):
+            return
+        self._probe = asyncio.create_task(self._probe_loop(), name=f"probe-{self.replica_id}")
+
+    async def probe_once(self) -> bool:
+        """One Health call; True when the replica is ready. Updates load and health."""
+        try:
+            resp = await self.stub.Health(replica_pb2.HealthRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            self.failures += 1
+            if self.failures >= self.failure_threshold:
+                self._set_healthy(False)
+            log.debug("probe of %s failed: %s", self.address, exc.code().name)
+            return False
+        load = resp.load
+        self.stats.running = load.running
+        self.stats.waiting = load.waiting
+        self.stats.kv_cache_usage = load.kv_cache_usage
+        self.stats.max_in_flight = load.max_in_flight
+        if resp.model and resp.model != self.model:
+            log.error(
+                "replica at %s serves %r, not %r; keeping it out",
+                self.address,
+                resp.model,
+                self.model,
+            )
+            self._set_healthy(False)
+            return False
+        if not resp.ready:
+            self._set_healthy(False)
+            return False
+        self.failures = 0
+        self._set_healthy(True)
+        return True
+
+    async def _probe_loop(self) -> None:
+        delay = 0.1
+        while not self.closing:
+            if await self.probe_once():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PROBE_MAX_DELAY_S)
+
+    async def close(self) -> None:
+        self.closing = True
+        self.stats.removed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in list(self._streams)), return_exceptions=True)
+        await self.channel.close()
+
+    async def close_when_idle(self, deadline_s: float) -> None:
+        """Leave the rotation now; close once the gateway has nothing left on it."""
+        self.stats.removed = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        if self.stats.in_flight > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(0.0, end - loop.time()))
+        await self.close()
