@@ -117,7 +117,9 @@ def test_openai_completion() -> None:
     assert bad(parse_completion, {"model": "m", "prompt": ["a", "b"]}, None).param == "prompt"
     assert bad(parse_completion, {"model": "m", "prompt": ""}, None).param == "prompt"
     assert bad(parse_completion, {"model": "m", "prompt": "a", "echo": True}, None).param == "echo"
-    assert bad(parse_completion, {"model": "m", "prompt": [1, 2]}, None).param.startswith("prompt")
+    assert str(bad(parse_completion, {"model": "m", "prompt": [1, 2]}, None).param).startswith(
+        "prompt"
+    )
 
 
 def test_max_tokens_against_the_model_limit() -> None:

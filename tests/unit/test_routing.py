@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
-from gateway.routing import STRATEGIES, ReplicaStats, SessionAffinity, make_strategy
+from gateway.routing import STRATEGIES, ReplicaStats, SessionAffinity, Strategy, make_strategy
+
+
+def rid(strategy: Strategy, pool: list[ReplicaStats], **kwargs: Any) -> str:
+    chosen = strategy.choose(pool, **kwargs)
+    assert chosen is not None
+    return chosen.replica_id
 
 
 def replicas(n: int) -> list[ReplicaStats]:
@@ -31,9 +38,9 @@ def test_every_strategy_exists_and_refuses_when_nothing_is_eligible() -> None:
 def test_round_robin_cycles_and_skips_unhealthy_and_excluded() -> None:
     rr = make_strategy("round_robin")
     pool = replicas(3)
-    assert [rr.choose(pool).replica_id for _ in range(6)] == ["r0", "r1", "r2"] * 2  # type: ignore[union-attr]
+    assert [rid(rr, pool) for _ in range(6)] == ["r0", "r1", "r2"] * 2
     pool[1].healthy = False
-    picks = {rr.choose(pool).replica_id for _ in range(6)}  # type: ignore[union-attr]
+    picks = {rid(rr, pool) for _ in range(6)}
     assert picks == {"r0", "r2"}
     assert rr.choose(pool, exclude={"r0", "r2"}) is None
 
@@ -42,7 +49,7 @@ def test_random_spreads_over_eligible_only() -> None:
     strategy = make_strategy("random", random.Random(7))
     pool = replicas(4)
     pool[3].removed = True
-    counts = Counter(strategy.choose(pool).replica_id for _ in range(600))  # type: ignore[union-attr]
+    counts = Counter(rid(strategy, pool) for _ in range(600))
     assert set(counts) == {"r0", "r1", "r2"}
     assert min(counts.values()) > 120
 
@@ -51,8 +58,8 @@ def test_least_connections_picks_fewest_in_flight() -> None:
     strategy = make_strategy("least_connections", random.Random(0))
     pool = replicas(3)
     pool[0].in_flight, pool[1].in_flight, pool[2].in_flight = 5, 2, 9
-    assert strategy.choose(pool).replica_id == "r1"  # type: ignore[union-attr]
-    assert strategy.choose(pool, exclude={"r1"}).replica_id == "r0"  # type: ignore[union-attr]
+    assert rid(strategy, pool) == "r1"
+    assert rid(strategy, pool, exclude={"r1"}) == "r0"
 
 
 def test_full_replicas_are_skipped() -> None:
@@ -62,7 +69,7 @@ def test_full_replicas_are_skipped() -> None:
     pool[0].max_in_flight = 0  # unknown capacity: never full
     pool[1].in_flight, pool[1].max_in_flight = 3, 3
     assert pool[1].full and not pool[0].full
-    assert strategy.choose(pool).replica_id == "r0"  # type: ignore[union-attr]
+    assert rid(strategy, pool) == "r0"
 
 
 def test_least_latency_samples_new_replicas_then_prefers_fastest_ttft() -> None:
@@ -70,13 +77,13 @@ def test_least_latency_samples_new_replicas_then_prefers_fastest_ttft() -> None:
     pool = replicas(3)
     pool[0].observe_ttft(0.050)
     pool[1].observe_ttft(0.020)
-    assert strategy.choose(pool).replica_id == "r2"  # type: ignore[union-attr]  # no sample yet
+    assert rid(strategy, pool) == "r2"  # no sample yet
     pool[2].observe_ttft(0.300)
-    assert strategy.choose(pool).replica_id == "r1"  # type: ignore[union-attr]
+    assert rid(strategy, pool) == "r1"
     # The moving average follows new samples: r1 gets slow.
     for _ in range(20):
         pool[1].observe_ttft(1.0)
-    assert strategy.choose(pool).replica_id == "r0"  # type: ignore[union-attr]
+    assert rid(strategy, pool) == "r0"
 
 
 def test_ttft_moving_average() -> None:
@@ -94,12 +101,12 @@ def test_least_loaded_scores_in_flight_waiting_and_kv_use() -> None:
     pool[1].waiting = 10
     pool[2].kv_cache_usage = 0.9
     # 0.6*10/100=0.06, 0.06, 0.36: r0 and r1 tie, r2 (KV nearly full) loses.
-    picks = {strategy.choose(pool).replica_id for _ in range(50)}  # type: ignore[union-attr]
+    picks = {rid(strategy, pool) for _ in range(50)}
     assert picks == {"r0", "r1"}
     pool[1].waiting = 30
-    assert strategy.choose(pool).replica_id == "r0"  # type: ignore[union-attr]
+    assert rid(strategy, pool) == "r0"
     pool[0].in_flight = 100  # full
-    assert strategy.choose(pool).replica_id == "r1"  # type: ignore[union-attr]
+    assert rid(strategy, pool) == "r1"
 
 
 def test_power_of_two_never_picks_the_most_loaded_of_three() -> None:
@@ -108,24 +115,24 @@ def test_power_of_two_never_picks_the_most_loaded_of_three() -> None:
     pool[0].in_flight = 90
     pool[1].in_flight = 10
     pool[2].in_flight = 50
-    counts = Counter(strategy.choose(pool).replica_id for _ in range(300))  # type: ignore[union-attr]
+    counts = Counter(rid(strategy, pool) for _ in range(300))
     assert "r0" not in counts
     assert counts["r1"] > counts["r2"]
-    assert strategy.choose(pool[:1]).replica_id == "r0"  # type: ignore[union-attr]
+    assert rid(strategy, pool[:1]) == "r0"
 
 
 def test_session_affinity_is_sticky_and_falls_back_to_the_next_replica() -> None:
     strategy = make_strategy("session_affinity")
     pool = replicas(4)
     keys = [f"user-{i}" for i in range(200)]
-    first = {k: strategy.choose(pool, key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    first = {k: rid(strategy, pool, key=k) for k in keys}
     assert len(set(first.values())) == 4  # spread over all replicas
-    again = {k: strategy.choose(pool, key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    again = {k: rid(strategy, pool, key=k) for k in keys}
     assert again == first
 
     # r2 unhealthy: only its keys move, each to one fixed replica.
     pool[2].healthy = False
-    moved = {k: strategy.choose(pool, key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    moved = {k: rid(strategy, pool, key=k) for k in keys}
     for k in keys:
         if first[k] != "r2":
             assert moved[k] == first[k]
@@ -135,21 +142,21 @@ def test_session_affinity_is_sticky_and_falls_back_to_the_next_replica() -> None
     pool[2].healthy = True
     pool[0].in_flight = pool[0].max_in_flight
     for k in keys:
-        choice = strategy.choose(pool, key=k).replica_id  # type: ignore[union-attr]
+        choice = rid(strategy, pool, key=k)
         assert choice != "r0"
         if first[k] != "r0":
             assert choice == first[k]
     k = next(k for k in keys if first[k] == "r1")
-    assert strategy.choose(pool, key=k, exclude={"r1"}).replica_id not in ("r1", "r0")  # type: ignore[union-attr]
+    assert rid(strategy, pool, key=k, exclude={"r1"}) not in ("r1", "r0")
 
 
 def test_session_affinity_moves_few_keys_when_a_replica_joins() -> None:
     strategy = SessionAffinity()
     pool = replicas(4)
     keys = [f"s{i}" for i in range(400)]
-    before = {k: strategy.choose(pool, key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    before = {k: rid(strategy, pool, key=k) for k in keys}
     pool.append(ReplicaStats("r4", max_in_flight=100))
-    after = {k: strategy.choose(pool, key=k).replica_id for k in keys}  # type: ignore[union-attr]
+    after = {k: rid(strategy, pool, key=k) for k in keys}
     moved = [k for k in keys if before[k] != after[k]]
     assert all(after[k] == "r4" for k in moved)
     assert 0 < len(moved) < 0.4 * len(keys)
@@ -159,4 +166,4 @@ def test_session_affinity_without_key_is_least_loaded() -> None:
     strategy = make_strategy("session_affinity")
     pool = replicas(2)
     pool[0].in_flight = 50
-    assert strategy.choose(pool, key=None).replica_id == "r1"  # type: ignore[union-attr]
+    assert rid(strategy, pool, key=None) == "r1"
