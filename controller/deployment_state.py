@@ -411,6 +411,11 @@ class DeploymentState:
             spare_gpus = gpus if need.gpus == 0 else 0
             candidates.append((mine, spare_gpus, -cpus, node.node_id))
         if not candidates:
+            if not any(n.alive for n in self.nodes.values()):
+                if "" not in self._unplaceable:
+                    log.info("no node has registered yet; replicas wait for one")
+                    self._unplaceable.add("")
+                return False
             if spec.name not in self._unplaceable:
                 log.warning(
                     "no node has room for a replica of %s (%.1f CPUs, %.1f GiB, %d GPUs)",
@@ -423,6 +428,7 @@ class DeploymentState:
             return False
         node_id = min(candidates)[3]
         self._unplaceable.discard(spec.name)
+        self._unplaceable.discard("")
         rec = ReplicaRecord(
             replica_id=f"{spec.name}-{uuid.uuid4().hex[:8]}",
             deployment=spec.name,

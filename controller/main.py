@@ -123,6 +123,8 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
     runner = asyncio.create_task(loop.run(), name="control-loop")
     stopping = asyncio.create_task(stop.wait(), name="stop-signal")
     await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if runner.done() and not runner.cancelled() and runner.exception() is not None:
+        log.error("control loop failed: %r", runner.exception(), exc_info=runner.exception())
     log.info("controller stopping")
     runner.cancel()
     stopping.cancel()

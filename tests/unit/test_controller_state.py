@@ -287,3 +287,30 @@ async def test_publisher_versions_and_watchers_catch_up() -> None:
     pub.close()
     await behind.aclose()
     await current.aclose()
+
+
+def test_restarted_scheduler_gets_its_replicas_back_under_the_same_ids() -> None:
+    state, _ = make_state(fake(replicas=2))
+    state.register_node(node("n1"), [])
+    state.update()
+    report(state, "n1")
+    ids = set(routes(state))
+    # The scheduler restarted (its replicas died with it) and registers with none.
+    assigned = state.register_node(node("n1"), [])
+    assert {a.replica_id for a in assigned if a.keep} == ids
+    assert routes(state) == []  # not routed until they run again
+    report(state, "n1")
+    assert set(routes(state)) == ids
+
+
+def test_node_without_heartbeats_within_window_stays_alive() -> None:
+    state, clock = make_state(fake(replicas=1))
+    state.register_node(node("n1"), [])
+    state.update()
+    report(state, "n1")
+    clock.now += state.dead_after_s - 0.1
+    state.update()
+    assert state.nodes["n1"].alive and len(routes(state)) == 1
+    clock.now += 0.2
+    state.update()
+    assert not state.nodes["n1"].alive and routes(state) == []
