@@ -40,6 +40,10 @@ class RoutePublisher:
         """Offer new content; returns True when it differed and a new version went out."""
         if self._table is not None and list(self._table.models) == list(models):
             return False
+        self._stamp(models)
+        return True
+
+    def _stamp(self, models: Sequence[pb.ModelRoutes]) -> None:
         self._version += 1
         self._table = pb.RoutingTable(version=self._version, models=list(models))
         log.info(
@@ -49,7 +53,23 @@ class RoutePublisher:
         )
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        return True
+
+    def catch_up(self, known_version: int) -> None:
+        """A watcher holds a newer version than ours, so this controller lost its state.
+
+        Gateways ignore tables older than the one they hold; jumping past the
+        watcher's version makes the next table (sent at once) acceptable to all.
+        """
+        if known_version <= self._version:
+            return
+        log.warning(
+            "a watcher holds routing table v%d, newer than v%d: continuing from there",
+            known_version,
+            self._version,
+        )
+        self._version = known_version
+        if self._table is not None:
+            self._stamp(list(self._table.models))
 
     def close(self) -> None:
         """End every watch stream (controller shutdown)."""
@@ -58,6 +78,7 @@ class RoutePublisher:
 
     async def watch(self, known_version: int) -> AsyncGenerator[pb.RoutingTable, None]:
         """Yield the current table whenever it is newer than what the watcher holds."""
+        self.catch_up(known_version)
         known = known_version
         while not self._closed:
             table = self._table

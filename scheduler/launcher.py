@@ -60,8 +60,8 @@ class ReplicaProcess:
     def kill(self) -> None:
         try:
             os.killpg(self._popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -243,6 +243,7 @@ class Supervisor:
                 code = rep.proc.poll()
                 if code is not None:
                     log.info("replica %s exited with code %s", rep.replica_id, code)
+                    rep.proc.kill()  # leftovers in its process group, if any
                     self._release(rep)
                     self._set(rep, STOPPED, f"exited with code {code}")
                 elif now >= rep.stop_deadline and not rep.killed:
@@ -307,6 +308,8 @@ class Supervisor:
         self._set(rep, STARTING, "loading")
 
     def _crashed(self, rep: Replica, now: float, why: str) -> None:
+        if rep.proc is not None:
+            rep.proc.kill()  # whatever the replica left in its process group (engine workers)
         self._release(rep)
         rep.proc = None
         rep.next_start = now + rep.backoff_s

@@ -448,3 +448,45 @@ async def test_apply_config_checks_and_changes_deployments(cluster: Cluster) -> 
                 break
         watch.cancel()
         assert models == {"echo": 1, "other": 1}
+
+
+async def gateway_table_version(c: Cluster) -> float:
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        text = (await http.get(f"{c.url}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("mss_gateway_routing_table_version "):
+            return float(line.split()[1])
+    raise AssertionError("gateway exports no routing table version")
+
+
+async def test_controller_that_lost_its_state_adopts_running_replicas(cluster: Cluster) -> None:
+    await start_two_nodes(cluster)
+    await mss_scale(cluster, 3)  # churn, so the gateway holds a version well past 1
+    await cluster.wait_for("3 running replicas", lambda s: len(running(s)) == 3)
+    await mss_scale(cluster, 2)
+    status = await cluster.wait_for("2 replicas", lambda s: len(s.replicas) == 2)
+    before = {r.status.replica_id: r.status.pid for r in running(status)}
+    load = Load(cluster.url)
+    load.start()
+    await asyncio.sleep(1.0)
+    held = await gateway_table_version(cluster)
+    assert held >= 5  # a fresh controller alone would not get past v4 below
+    cluster.procs["controller"].kill()
+    for path in cluster.tmp.glob("controller.sqlite*"):
+        path.unlink()
+    cluster.replicas = 2  # the file now asks for what runs
+    cluster.write_config()
+    cluster.start_controller()
+    adopted = await cluster.wait_for(
+        "the replicas to be adopted", lambda s: len(running(s)) == 2 and len(s.replicas) == 2
+    )
+    assert {r.status.replica_id: r.status.pid for r in running(adopted)} == before
+    # The fresh controller's versions continue past what the gateway holds, so the
+    # gateway follows it: a scale-down reaches the gateway's table.
+    assert (await mss_scale(cluster, 1)).startswith("echo: target 1")
+    final = await cluster.wait_for("scale-down", lambda s: len(s.replicas) == 1)
+    await asyncio.sleep(1.0)
+    assert final.routing_version > held
+    assert await gateway_table_version(cluster) == final.routing_version
+    await load.stop()
+    assert not load.failures(), load.failures()[:3]

@@ -314,3 +314,14 @@ def test_node_without_heartbeats_within_window_stays_alive() -> None:
     clock.now += 0.2
     state.update()
     assert not state.nodes["n1"].alive and routes(state) == []
+
+
+async def test_publisher_jumps_past_a_watcher_that_is_ahead() -> None:
+    pub = RoutePublisher()  # state lost: versions would start again at 1
+    pub.publish([pb.ModelRoutes(model="echo")])
+    watcher = pub.watch(known_version=57)
+    table = await asyncio.wait_for(anext(watcher), 1)
+    assert table.version == 58 and table.models[0].model == "echo"
+    assert pub.version == 58
+    pub.close()
+    await watcher.aclose()
