@@ -36,8 +36,10 @@ class StrictModel(BaseModel):
 class EngineArgs(StrictModel):
     """Settings handed to the engine of each replica."""
 
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    """Weights and activations type; bfloat16 is the measured best on CPU."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "float32"
+    """Compute type. bfloat16 is 1.6-2x faster on CPU but flips near-tied argmax
+    choices of the small bundled model (see docs/benchmarks.md); float32 answers
+    as the reference does."""
     max_model_len: int = Field(2048, ge=16, le=1_048_576)
     """Context length (prompt plus output tokens) the engine accepts."""
     kv_cache_gib: float = Field(1.0, gt=0, le=1024)
@@ -134,6 +136,9 @@ class GatewaySettings(StrictModel):
     """Concurrent requests one client (API key, else address) may have; past it 429. 0: no limit."""
     replica_failure_threshold: int = Field(3, ge=1, le=100)
     """Failed calls in a row after which a replica leaves the rotation until a probe succeeds."""
+    client_send_buffer_bytes: int = Field(262_144, ge=0, le=64 * 1024 * 1024)
+    """Kernel send buffer of each client socket (0: the kernel's autotuning, up to megabytes),
+    so a client that stops reading blocks its stream soon and is dropped after the timeout."""
     api_keys: list[str] = Field(default_factory=list)
     """When set, requests need `Authorization: Bearer <key>`."""
 

@@ -51,7 +51,8 @@ class TextFormatter(logging.Formatter):
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         rid = getattr(record, "request_id", "")
         tag = f" [{rid}]" if rid else ""
-        line = f"{stamp} {record.levelname[0]} {self.role} {record.name}{tag}: {record.getMessage()}"
+        level = record.levelname[0]
+        line = f"{stamp} {level} {self.role} {record.name}{tag}: {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -22,7 +22,7 @@ from mss.config import BUNDLED_MODEL, cache_dir
 log = logging.getLogger(__name__)
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTED_DTYPE = "bfloat16"
+CONVERTED_DTYPE = "float32"
 """Stored dtype of converted weights; the engine's dtype setting still decides at load."""
 
 
@@ -104,7 +104,7 @@ def _convert(gguf: Path, out: Path) -> None:
         raise ModelError(f"{gguf}: cannot read GGUF model: {exc}") from exc
     # Saving refuses while the GGUF quantizer is attached; the weights are
     # already dequantized, so it is safe to drop.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     log.info("writing %s", out)

@@ -1,0 +1,247 @@
+"""The replica's gRPC service: many requests multiplexed over each Generate stream.
+
+A gateway keeps one long-lived bidirectional stream per replica and sends
+every request on it, tagged with its request id. Each request runs as its own
+task feeding the stream's outbox; the stream's writer sends everything in the
+outbox as one `GenerateReply`. Because the engine hands out the outputs of one
+step to all its requests in one go, one reply carries one engine step for
+every request on the stream: the per-token cost of Python gRPC is paid once
+per step, not once per token per request.
+
+Cancellation has one path: a CancelRequest, or the stream ending, cancels the
+request's task; the engine's generator aborts the engine request as it unwinds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from mss.logs import request_id_var
+from protos import replica_pb2, replica_pb2_grpc
+from replica.engine import Engine, InvalidRequest, Prepared
+from replica.metrics import ReplicaMetrics
+
+log = logging.getLogger(__name__)
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+
+
+class ReplicaService(replica_pb2_grpc.ReplicaServicer):
+    """Admission, multiplexing and draining around one engine."""
+
+    def __init__(self, engine: Engine, replica_id: str, max_in_flight: int) -> None:
+        self.engine = engine
+        self.replica_id = replica_id
+        self.max_in_flight = max_in_flight
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+        self.metrics = ReplicaMetrics(engine.model_name, self)
+        self._streams: set[_Stream] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._stream_ids = itertools.count(1)
+
+    def load_pb(self) -> replica_pb2.Load:
+        load = self.engine.load
+        return replica_pb2.Load(
+            running=load.running,
+            waiting=load.waiting,
+            kv_cache_usage=load.kv_cache_usage,
+            in_flight=self.in_flight,
+            max_in_flight=self.max_in_flight,
+        )
+
+    async def Health(
+        self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> replica_pb2.HealthResponse:
+        return replica_pb2.HealthResponse(
+            ready=self.ready and not self.draining,
+            model=self.engine.model_name,
+            load=self.load_pb(),
+            draining=self.draining,
+            replica_id=self.replica_id,
+            max_model_len=self.engine.max_model_len,
+        )
+
+    async def Generate(
+        self,
+        request_iterator: AsyncIterator[replica_pb2.GenerateClientMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[replica_pb2.GenerateReply]:
+        stream = _Stream(self, next(self._stream_ids))
+        self._streams.add(stream)
+        reader = asyncio.create_task(stream.read(request_iterator), name="replica-stream-reader")
+        try:
+            while (batch := await stream.next_batch()) is not None:
+                yield replica_pb2.GenerateReply(deltas=batch, load=self.load_pb())
+        finally:
+            self._streams.discard(stream)
+            reader.cancel()
+            await stream.cancel_all()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests, let in-flight ones finish until the deadline, cancel the rest."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        if self.in_flight:
+            log.warning("drain deadline passed; cancelling %d requests", self.in_flight)
+            await asyncio.gather(*(s.cancel_all("replica shutting down") for s in self._streams))
+
+
+class _Stream:
+    """One Generate stream: its requests' tasks and the outbox they fill."""
+
+    def __init__(self, service: ReplicaService, number: int) -> None:
+        self.service = service
+        self.number = number
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.outbox: list[replica_pb2.RequestDelta] = []
+        self.wake = asyncio.Event()
+        self.reading = True
+
+    def push(self, delta: replica_pb2.RequestDelta) -> None:
+        self.outbox.append(delta)
+        self.wake.set()
+
+    async def next_batch(self) -> list[replica_pb2.RequestDelta] | None:
+        """Everything produced since the last call; None once the stream is done."""
+        while not self.outbox:
+            if not self.reading and not self.tasks:
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        batch, self.outbox = self.outbox, []
+        return batch
+
+    async def read(self, messages: AsyncIterator[replica_pb2.GenerateClientMessage]) -> None:
+        try:
+            async for message in messages:
+                kind = message.WhichOneof("kind")
+                if kind == "request":
+                    self.start(message.request)
+                elif kind == "cancel":
+                    task = self.tasks.get(message.cancel.request_id)
+                    if task is not None:
+                        task.cancel()
+        except grpc.aio.AioRpcError as exc:  # the gateway went away mid-read
+            log.debug("stream %d read ended: %s", self.number, exc.code())
+        finally:
+            self.reading = False
+            self.wake.set()
+
+    def reject(self, request_id: str, code: int, message: str) -> None:
+        self.service.metrics.rejected(code)
+        self.push(
+            replica_pb2.RequestDelta(
+                request_id=request_id,
+                finish_reason="error",
+                error=replica_pb2.RequestError(code=code, message=message),
+            )
+        )
+
+    def start(self, request: replica_pb2.GenerateRequest) -> None:
+        service = self.service
+        rid = request.request_id
+        if not rid:
+            self.reject(rid, INVALID_ARGUMENT, "request_id: must not be empty")
+            return
+        if rid in self.tasks:
+            self.reject(rid, INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
+            return
+        if not service.ready or service.draining:
+            reason = "draining" if service.draining else "loading"
+            self.reject(rid, UNAVAILABLE, f"replica {service.replica_id} is {reason}")
+            return
+        if service.in_flight >= service.max_in_flight:
+            self.reject(
+                rid,
+                RESOURCE_EXHAUSTED,
+                f"replica {service.replica_id} is at its limit of {service.max_in_flight} requests",
+            )
+            return
+        try:
+            prepared = service.engine.prepare(request, f"{self.number}-{rid}")
+        except InvalidRequest as exc:
+            self.reject(rid, INVALID_ARGUMENT, str(exc))
+            return
+        service.in_flight += 1
+        service.idle.clear()
+        self.tasks[rid] = asyncio.create_task(self.run(rid, prepared), name=f"request-{rid}")
+
+    async def run(self, rid: str, prepared: Prepared) -> None:
+        service = self.service
+        request_id_var.set(rid)
+        started = time.monotonic()
+        outcome = "error"
+        push = self.push
+        make = replica_pb2.RequestDelta
+        try:
+            async with contextlib.aclosing(service.engine.generate(prepared)) as deltas:
+                async for d in deltas:
+                    if d.finish_reason is None:
+                        push(make(request_id=rid, text=d.text, num_tokens=d.num_tokens))
+                        continue
+                    push(
+                        make(
+                            request_id=rid,
+                            text=d.text,
+                            num_tokens=d.num_tokens,
+                            finish_reason=d.finish_reason,
+                            prompt_tokens=d.prompt_tokens,
+                            completion_tokens=d.completion_tokens,
+                        )
+                    )
+                    outcome = d.finish_reason
+                    service.metrics.finished(d.prompt_tokens, d.completion_tokens)
+            log.debug("finished %s in %.3f s", outcome, time.monotonic() - started)
+        except asyncio.CancelledError:
+            outcome = "abort"
+            log.info("aborted after %.3f s", time.monotonic() - started)
+            raise
+        except Exception as exc:
+            # The engine failed this request; tell the gateway so it can retry or end
+            # the stream with an error, and keep serving the others.
+            log.exception("engine failed the request")
+            self.push(
+                make(
+                    request_id=rid,
+                    finish_reason="error",
+                    error=replica_pb2.RequestError(code=INTERNAL, message=f"engine error: {exc}"),
+                )
+            )
+        finally:
+            service.in_flight -= 1
+            if not service.in_flight:
+                service.idle.set()
+            service.metrics.outcome(outcome)
+            self.tasks.pop(rid, None)
+            self.wake.set()
+
+    async def cancel_all(self, reason: str | None = None) -> None:
+        tasks = list(self.tasks.items())
+        for rid, task in tasks:
+            task.cancel()
+            if reason:
+                self.push(
+                    replica_pb2.RequestDelta(
+                        request_id=rid,
+                        finish_reason="error",
+                        error=replica_pb2.RequestError(code=UNAVAILABLE, message=reason),
+                    )
+                )
+        if tasks:
+            await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
