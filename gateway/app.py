@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import metrics
+from gateway import http_protocol, metrics
 from gateway.admission import ClientLimiter
 from gateway.api_models import (
     GenerationInput,
@@ -266,6 +266,7 @@ def _client_key(request: Request, api_key: str | None) -> str:
 
 def create_app(options: GatewayOptions) -> FastAPI:
     gateway = Gateway(options)
+    http_protocol.send_buffer_bytes = gateway.settings.client_send_buffer_bytes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
