@@ -88,7 +88,7 @@ def test_mss_up_serves_two_models_and_stops_cleanly(tmp_path: Path) -> None:
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
             lines.append(line)
-            if "ready in" in line:
+            if "Ctrl-C stops everything" in line:  # the last line of the ready message
                 ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -103,22 +103,27 @@ def test_mss_up_serves_two_models_and_stops_cleanly(tmp_path: Path) -> None:
             final = chat(url, model)
             assert final["finished"] and final["finish_reason"] == "length", final
             assert final["tokens"] == 5
-        status = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mss.cli",
-                "status",
-                "--controller",
-                f"127.0.0.1:{controller_port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-            env=env,
-            check=True,
-        ).stdout
+        deadline = time.monotonic() + 20
+        while True:  # ready means each model has a replica; wait for all three
+            status = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mss.cli",
+                    "status",
+                    "--controller",
+                    f"127.0.0.1:{controller_port}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=ROOT,
+                env=env,
+                check=True,
+            ).stdout
+            if "echo        2/2" in status or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
         assert "echo-small  1/1" in status and "echo        2/2" in status, status
         pids = [
             int(line.split("pid ")[1].split(")")[0])
