@@ -478,69 +478,6 @@ class DeploymentState:
             )
         return models
 
-    def deployment_status(self, name: str) -> pb.DeploymentStatus:
-        record = self.deployments[name]
-        running = sum(
-            1
-            for r in self.replicas.values()
-            if r.deployment == name and r.keep and r.state == RUNNING
-        )
-        return pb.DeploymentStatus(
-            name=name,
-            target_replicas=record.target,
-            running_replicas=running,
-            engine=record.spec.engine,
-            model_source=record.spec.model,
-            strategy=record.spec.routing,
-        )
-
-    def status(self, routing_version: int) -> pb.StatusResponse:
-        resp = pb.StatusResponse(routing_version=routing_version)
-        for node in sorted(self.nodes.values(), key=lambda n: n.node_id):
-            resp.nodes.append(
-                pb.NodeStatus(
-                    node=self._node_info(node),
-                    alive=node.alive,
-                    last_heartbeat_unix=node.last_seen_unix,
-                )
-            )
-        for name in sorted(self.deployments):
-            resp.deployments.append(self.deployment_status(name))
-        for rec in sorted(self.replicas.values(), key=lambda r: (r.deployment, r.replica_id)):
-            resp.replicas.append(
-                pb.ReplicaView(
-                    status=pb.ReplicaStatus(
-                        replica_id=rec.replica_id,
-                        deployment=rec.deployment,
-                        state=rec.state,  # type: ignore[arg-type]
-                        address=rec.address,
-                        metrics_address=rec.metrics_address,
-                        pid=rec.pid,
-                        restarts=rec.restarts,
-                        load=pb.ReplicaLoad(
-                            running=rec.running,
-                            waiting=rec.waiting,
-                            kv_cache_usage=rec.kv_cache_usage,
-                        ),
-                        message=rec.message,
-                    ),
-                    node_id=rec.node_id,
-                    keep=rec.keep,
-                )
-            )
-        return resp
-
-    @staticmethod
-    def _node_info(node: NodeRecord) -> pb.NodeInfo:
-        return pb.NodeInfo(
-            node_id=node.node_id,
-            host=node.host,
-            cpus=node.cpus,
-            memory_gib=node.memory_gib,
-            gpus=node.gpus,
-            metrics_address=node.metrics_address,
-        )
-
     def replica_counts(self) -> dict[tuple[str, str], int]:
         """(deployment, state name) -> replicas, for the controller's gauges."""
         counts: dict[tuple[str, str], int] = {}

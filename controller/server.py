@@ -16,6 +16,7 @@ import grpc
 from controller.control_loop import ControlLoop
 from controller.deployment_state import DeploymentState
 from controller.route_publisher import RoutePublisher
+from controller.status import deployment_status, status_response
 from mss.config import ConfigError, parse_config
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
@@ -75,7 +76,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusResponse:
-        return self.state.status(self.publisher.version)
+        return status_response(self.state, self.publisher.version)
 
     async def Scale(
         self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext
@@ -93,7 +94,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                 f"no deployment named {request.deployment!r} (known: {known})",
             )
         await self.loop.tick()
-        return pb.ScaleResponse(deployment=self.state.deployment_status(request.deployment))
+        return pb.ScaleResponse(deployment=deployment_status(self.state, request.deployment))
 
     async def ApplyConfig(
         self, request: pb.ApplyConfigRequest, context: grpc.aio.ServicerContext
@@ -106,6 +107,6 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         await self.loop.tick()
         return pb.ApplyConfigResponse(
             deployments=[
-                self.state.deployment_status(name) for name in sorted(self.state.deployments)
+                deployment_status(self.state, name) for name in sorted(self.state.deployments)
             ]
         )

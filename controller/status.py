@@ -1,0 +1,69 @@
+"""The controller's Status answer: its view of nodes, deployments and replicas as protobuf."""
+
+from __future__ import annotations
+
+from controller.deployment_state import RUNNING, DeploymentState, NodeRecord
+from protos import controller_pb2 as pb
+
+
+def deployment_status(state: DeploymentState, name: str) -> pb.DeploymentStatus:
+    record = state.deployments[name]
+    running = sum(
+        1 for r in state.replicas.values() if r.deployment == name and r.keep and r.state == RUNNING
+    )
+    return pb.DeploymentStatus(
+        name=name,
+        target_replicas=record.target,
+        running_replicas=running,
+        engine=record.spec.engine,
+        model_source=record.spec.model,
+        strategy=record.spec.routing,
+    )
+
+
+def status_response(state: DeploymentState, routing_version: int) -> pb.StatusResponse:
+    resp = pb.StatusResponse(routing_version=routing_version)
+    for node in sorted(state.nodes.values(), key=lambda n: n.node_id):
+        resp.nodes.append(
+            pb.NodeStatus(
+                node=_node_info(node),
+                alive=node.alive,
+                last_heartbeat_unix=node.last_seen_unix,
+            )
+        )
+    for name in sorted(state.deployments):
+        resp.deployments.append(deployment_status(state, name))
+    for rec in sorted(state.replicas.values(), key=lambda r: (r.deployment, r.replica_id)):
+        resp.replicas.append(
+            pb.ReplicaView(
+                status=pb.ReplicaStatus(
+                    replica_id=rec.replica_id,
+                    deployment=rec.deployment,
+                    state=rec.state,  # type: ignore[arg-type]
+                    address=rec.address,
+                    metrics_address=rec.metrics_address,
+                    pid=rec.pid,
+                    restarts=rec.restarts,
+                    load=pb.ReplicaLoad(
+                        running=rec.running,
+                        waiting=rec.waiting,
+                        kv_cache_usage=rec.kv_cache_usage,
+                    ),
+                    message=rec.message,
+                ),
+                node_id=rec.node_id,
+                keep=rec.keep,
+            )
+        )
+    return resp
+
+
+def _node_info(node: NodeRecord) -> pb.NodeInfo:
+    return pb.NodeInfo(
+        node_id=node.node_id,
+        host=node.host,
+        cpus=node.cpus,
+        memory_gib=node.memory_gib,
+        gpus=node.gpus,
+        metrics_address=node.metrics_address,
+    )
