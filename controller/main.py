@@ -15,11 +15,11 @@ import logging
 import signal
 
 import grpc
-from prometheus_client import start_http_server
 
 from controller.control_loop import ControlLoop
 from controller.deployment_state import DeploymentState
 from controller.route_publisher import RoutePublisher
+from controller.scrape_targets import scrape_targets, serve_metrics_and_targets
 from controller.server import ControllerService
 from controller.store import Store
 from mss.config import ClusterConfig, ConfigError, ControllerSettings, load_config
@@ -107,7 +107,12 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
         return 1
     await server.start()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
+        serve_metrics_and_targets(
+            settings.host,
+            settings.metrics_port,
+            lambda: scrape_targets(state),
+            asyncio.get_running_loop(),
+        )
     log.info(
         "controller on %s:%d, state %s, metrics port %s",
         settings.host,
