@@ -73,6 +73,7 @@ class ControlLoop:
         self._known_deployments = names
         for name, record in self.state.deployments.items():
             metrics.TARGET_REPLICAS.labels(name).set(record.target)
+            metrics.REPLICA_RESTARTS.labels(name)  # exported as 0 before the first restart
         counts = self.state.replica_counts()
         for key in self._known_states - set(counts):
             metrics.REPLICAS.remove(*key)
