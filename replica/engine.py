@@ -54,6 +54,7 @@ class Prepared:
     stop: list[str]
     seed: int | None
     prompt_text: str = ""
+    ignore_eos: bool = False
 
 
 @dataclass(slots=True)
@@ -236,6 +237,7 @@ class VllmEngine:
             stop=list(request.stop),
             seed=request.seed if request.HasField("seed") else None,
             prompt_text=text,
+            ignore_eos=request.ignore_eos,
         )
 
     async def generate(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:
@@ -247,6 +249,7 @@ class VllmEngine:
             "output_kind": RequestOutputKind.DELTA,
             "stop": prepared.stop or None,
             "seed": prepared.seed,
+            "ignore_eos": prepared.ignore_eos,
         }
         if prepared.temperature is not None:
             params["temperature"] = prepared.temperature
@@ -323,6 +326,7 @@ class FakeEngine:
             stop=list(request.stop),
             seed=request.seed if request.HasField("seed") else None,
             prompt_text=text,
+            ignore_eos=request.ignore_eos,
         )
 
     async def generate(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:

@@ -83,8 +83,9 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         self._streams.add(stream)
         reader = asyncio.create_task(stream.read(request_iterator), name="replica-stream-reader")
         try:
-            while (batch := await stream.next_batch()) is not None:
-                yield replica_pb2.GenerateReply(deltas=batch, load=self.load_pb())
+            while (reply := await stream.next_batch()) is not None:
+                reply.load.CopyFrom(self.load_pb())
+                yield reply
         finally:
             self._streams.discard(stream)
             reader.cancel()
@@ -109,23 +110,27 @@ class _Stream:
         self.service = service
         self.number = number
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.outbox: list[replica_pb2.RequestDelta] = []
+        self.outbox = replica_pb2.GenerateReply()
+        self.add = self.outbox.deltas.add
         self.wake = asyncio.Event()
         self.reading = True
 
-    def push(self, delta: replica_pb2.RequestDelta) -> None:
-        self.outbox.append(delta)
+    def push(self, **fields: object) -> None:
+        """Add a delta to the reply being built (no copy: built in place)."""
+        self.add(**fields)
         self.wake.set()
 
-    async def next_batch(self) -> list[replica_pb2.RequestDelta] | None:
-        """Everything produced since the last call; None once the stream is done."""
-        while not self.outbox:
+    async def next_batch(self) -> replica_pb2.GenerateReply | None:
+        """Everything produced since the last call as one reply; None once the stream is done."""
+        while not self.outbox.deltas:
             if not self.reading and not self.tasks:
                 return None
             self.wake.clear()
             await self.wake.wait()
-        batch, self.outbox = self.outbox, []
-        return batch
+        reply = self.outbox
+        self.outbox = replica_pb2.GenerateReply()
+        self.add = self.outbox.deltas.add
+        return reply
 
     async def read(self, messages: AsyncIterator[replica_pb2.GenerateClientMessage]) -> None:
         try:
@@ -146,11 +151,9 @@ class _Stream:
     def reject(self, request_id: str, code: int, message: str) -> None:
         self.service.metrics.rejected(code)
         self.push(
-            replica_pb2.RequestDelta(
-                request_id=request_id,
-                finish_reason="error",
-                error=replica_pb2.RequestError(code=code, message=message),
-            )
+            request_id=request_id,
+            finish_reason="error",
+            error=replica_pb2.RequestError(code=code, message=message),
         )
 
     def start(self, request: replica_pb2.GenerateRequest) -> None:
@@ -187,23 +190,20 @@ class _Stream:
         request_id_var.set(rid)
         started = time.monotonic()
         outcome = "error"
-        push = self.push
-        make = replica_pb2.RequestDelta
         try:
             async with contextlib.aclosing(service.engine.generate(prepared)) as deltas:
                 async for d in deltas:
                     if d.finish_reason is None:
-                        push(make(request_id=rid, text=d.text, num_tokens=d.num_tokens))
+                        self.add(request_id=rid, text=d.text, num_tokens=d.num_tokens)
+                        self.wake.set()
                         continue
-                    push(
-                        make(
-                            request_id=rid,
-                            text=d.text,
-                            num_tokens=d.num_tokens,
-                            finish_reason=d.finish_reason,
-                            prompt_tokens=d.prompt_tokens,
-                            completion_tokens=d.completion_tokens,
-                        )
+                    self.push(
+                        request_id=rid,
+                        text=d.text,
+                        num_tokens=d.num_tokens,
+                        finish_reason=d.finish_reason,
+                        prompt_tokens=d.prompt_tokens,
+                        completion_tokens=d.completion_tokens,
                     )
                     outcome = d.finish_reason
                     service.metrics.finished(d.prompt_tokens, d.completion_tokens)
@@ -217,11 +217,9 @@ class _Stream:
             # the stream with an error, and keep serving the others.
             log.exception("engine failed the request")
             self.push(
-                make(
-                    request_id=rid,
-                    finish_reason="error",
-                    error=replica_pb2.RequestError(code=INTERNAL, message=f"engine error: {exc}"),
-                )
+                request_id=rid,
+                finish_reason="error",
+                error=replica_pb2.RequestError(code=INTERNAL, message=f"engine error: {exc}"),
             )
         finally:
             service.in_flight -= 1
@@ -237,11 +235,9 @@ class _Stream:
             task.cancel()
             if reason:
                 self.push(
-                    replica_pb2.RequestDelta(
-                        request_id=rid,
-                        finish_reason="error",
-                        error=replica_pb2.RequestError(code=UNAVAILABLE, message=reason),
-                    )
+                    request_id=rid,
+                    finish_reason="error",
+                    error=replica_pb2.RequestError(code=UNAVAILABLE, message=reason),
                 )
         if tasks:
             await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
