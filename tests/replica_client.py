@@ -57,7 +57,9 @@ class StreamClient:
 
     def cancel(self, request_id: str) -> None:
         self.outgoing.put_nowait(
-            replica_pb2.GenerateClientMessage(cancel=replica_pb2.CancelRequest(request_id=request_id))
+            replica_pb2.GenerateClientMessage(
+                cancel=replica_pb2.CancelRequest(request_id=request_id)
+            )
         )
 
     async def run(self, request: replica_pb2.GenerateRequest, timeout: float = 120) -> Result:

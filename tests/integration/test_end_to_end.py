@@ -82,15 +82,18 @@ def test_openai_client_streaming_and_not(gateway: str) -> None:
     client = OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(
-        model="smollm2", messages=messages, temperature=0, max_tokens=24  # type: ignore[arg-type]
+        model="smollm2",
+        messages=messages,
+        temperature=0,
+        max_tokens=24,  # type: ignore[arg-type]
     )
     assert "Paris" in (reply.choices[0].message.content or "")
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     pieces = []
     usage = None
-    for chunk in client.chat.completions.create(
+    for chunk in client.chat.completions.create(  # type: ignore[call-overload]
         model="smollm2",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         temperature=0,
         max_tokens=24,
         stream=True,
@@ -116,15 +119,27 @@ def test_mss_up_with_the_bundled_model(tmp_path: Path) -> None:
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "mss.cli", "up", "--config", str(path),
-            "--scheduler-metrics-port", "0",
-            "--replica-ports", f"{grpc_port}-{grpc_port + 20}",
-            "--replica-metrics-ports", f"{metrics_port}-{metrics_port + 20}",
+            sys.executable,
+            "-m",
+            "mss.cli",
+            "up",
+            "--config",
+            str(path),
+            "--scheduler-metrics-port",
+            "0",
+            "--replica-ports",
+            f"{grpc_port}-{grpc_port + 20}",
+            "--replica-metrics-ports",
+            f"{metrics_port}-{metrics_port + 20}",
         ],
-        stdout=log, stderr=subprocess.STDOUT, env=engine_env(), cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=engine_env(),
+        cwd=ROOT,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{gateway_port}"
+    code: int | None = None
     try:
         wait_http_ready(f"{base}/ready", proc, 420)
         body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0}
@@ -137,7 +152,6 @@ def test_mss_up_with_the_bundled_model(tmp_path: Path) -> None:
             code = proc.wait(90)
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = None
         log.close()
     output = (tmp_path / "up.log").read_text(errors="replace")
     assert "curl -N -X POST" in output, output[-3000:]

@@ -93,7 +93,9 @@ async def test_cancel_mid_stream_aborts_engine_request(real_replica: Proc) -> No
 
 async def test_closing_the_stream_aborts_its_requests(real_replica: Proc) -> None:
     client = StreamClient(real_replica.address)
-    queue = client.send(replica_pb2.GenerateRequest(request_id="gone", prompt="Hi", max_tokens=1500))
+    queue = client.send(
+        replica_pb2.GenerateRequest(request_id="gone", prompt="Hi", max_tokens=1500)
+    )
     await asyncio.wait_for(queue.get(), 60)
     client.call.cancel()
     await client.channel.close()
