@@ -1,10 +1,17 @@
-"""The FastAPI application: routes, request ids, errors, lifespan.
+"""The ASGI application: FastAPI routes and documents, and a thin dispatcher in front.
 
-Routes parse and validate the request, then hand a raw ASGI response to
-`GenerationService`, which writes SSE chunks straight to the server's `send`.
-Every response carries `X-Request-Id` (the client's, when it sent a sane one);
-every refusal is OpenAI-shaped JSON with a precise message, and no input can
-produce a 5xx or a traceback in the response.
+`create_app` returns a `GatewayApp`, the callable uvicorn runs. It gives every
+request an id (the client's X-Request-Id when sane, echoed on the response)
+and dispatches POSTs to the three generation routes straight to their
+handlers, ahead of FastAPI's middleware stack: a streamed token then crosses
+no wrapper between the generation loop and the server's `send` (each wrapper
+costs on every chunk of every stream). Everything else, and the OpenAPI
+document that describes all routes, is FastAPI's. The FastAPI routes for
+generation run the same handler, so the app also works mounted without the
+dispatcher.
+
+Every refusal is OpenAI-shaped JSON with a precise message; no input produces
+a 5xx or a traceback in the response.
 
 Assumption: `/v1/chat/completions` is matched before `/v1/chat/{model}`, so a
 model named `completions` is reachable only through the OpenAI routes.
@@ -12,14 +19,11 @@ model named `completions` is reachable only through the OpenAI routes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,152 +34,106 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import http_protocol, metrics
-from gateway.admission import ClientLimiter
-from gateway.api_models import (
-    GenerationInput,
-    check_max_tokens,
-    decode_json,
-    openapi_schemas,
-    parse_chat_completion,
-    parse_completion,
-    parse_seed_json,
-    parse_seed_text,
+from gateway.api_models import openapi_schemas
+from gateway.endpoints import (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    SEED_ROUTE,
+    Gateway,
+    GatewayOptions,
+    send_error,
 )
 from gateway.errors import ApiError
-from gateway.generation import GenerationService
-from gateway.routing_table import ModelRouter, RoutingTable, static_table
-from gateway.sse import ChatFormat, CompletionFormat, SeedFormat, StreamFormat
-from mss.config import ClusterConfig, GatewaySettings
 from mss.logs import request_id_var, setup_logging
 
 log = logging.getLogger("gateway")
 
 _REQUEST_ID_RE = re.compile(r"^[!-~]{1,128}$")
-SEED_ROUTE = "/v1/chat/{model}"
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-REASONS = {401: "auth", 429: "rate", 503: "capacity"}
+_SEED_PREFIX = "/v1/chat/"
+OPTIONS_ENV = "MSS_GATEWAY_OPTIONS"
 
 
-@dataclass
-class GatewayOptions:
-    """Everything a gateway process needs; JSON-serialisable for worker processes."""
-
-    config: ClusterConfig = field(default_factory=ClusterConfig)
-    replicas: list[tuple[str, str]] = field(default_factory=list)
-    """Static routes, (model, host:port), used when no controller is given."""
-    controller: str | None = None
-    routing: str | None = None
-    """Strategy for every model of the static table, overriding the config."""
-    workers: int = 1
-    replica_streams: int = 1
-    log_format: str = "text"
-    log_level: str = "INFO"
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-class Gateway:
-    """The state one gateway process serves from."""
+class ErrorBody(BaseModel):
+    """Every error response (OpenAI's shape)."""
 
-    def __init__(self, options: GatewayOptions) -> None:
-        self.options = options
-        self.settings: GatewaySettings = options.config.gateway
-        self.table = RoutingTable(
-            workers=options.workers,
-            replica_streams=options.replica_streams,
-            failure_threshold=self.settings.replica_failure_threshold,
-        )
-        self.service = GenerationService(
-            retries=self.settings.retries,
-            buffer_chunks=self.settings.stream_buffer_chunks,
-            slow_client_timeout_s=self.settings.slow_client_timeout_s,
-            limiter=ClientLimiter(self.settings.max_in_flight_per_client),
-        )
-        self.api_keys = frozenset(self.settings.api_keys)
-        self.started = int(time.time())
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self._tasks.append(
-            asyncio.create_task(self.service.watchdog(), name="slow-client-watchdog")
-        )
-        self._tasks.append(asyncio.create_task(self._refresh_gauges(), name="gauge-refresh"))
-        if self.options.controller:
-            from gateway.route_watcher import RouteWatcher
-
-            watcher = RouteWatcher(self.options.controller, self.table.apply)
-            self._tasks.append(asyncio.create_task(watcher.run(), name="route-watcher"))
-            log.info("watching routes from the controller at %s", self.options.controller)
-        else:
-            table = static_table(self.options.replicas, self.options.config, self.options.routing)
-            self.table.apply(table)
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.table.close()
-
-    async def _refresh_gauges(self) -> None:
-        while True:
-            self.table.refresh_gauges()
-            await asyncio.sleep(1.0)
-
-    def router_for(self, model: str) -> ModelRouter:
-        router = self.table.get(model)
-        if router is None:
-            known = ", ".join(sorted(self.table.models)) or "none"
-            raise ApiError(
-                404,
-                f"model {model!r} not found (known: {known})",
-                param="model",
-                code="model_not_found",
-            )
-        return router
-
-    def check_auth(self, request: Request) -> str | None:
-        """The caller's API key; raises 401 when keys are configured and it is missing or wrong."""
-        if not self.api_keys:
-            return None
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
-            raise ApiError(
-                401,
-                "missing or invalid API key (Authorization: Bearer <key>)",
-                code="invalid_api_key",
-            )
-        return key.strip()
+    error: ErrorDetail
 
 
-class RequestIdMiddleware:
-    """Gives every request an id (the client's X-Request-Id when sane) and echoes it back."""
+def _request_id(scope: dict[str, Any]) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID_RE.match(text):
+                return text
+            break
+    return os.urandom(8).hex()
 
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
-        self.app = app
+
+class GatewayApp:
+    """What uvicorn runs: request ids, the generation fast path, FastAPI for the rest."""
+
+    def __init__(self, gateway: Gateway, api: FastAPI) -> None:
+        self.gateway = gateway
+        self.api = api
+
+    def _generation_route(self, path: str) -> tuple[str, str | None] | None:
+        if path == CHAT_ROUTE:
+            return CHAT_ROUTE, None
+        if path == COMPLETIONS_ROUTE:
+            return COMPLETIONS_ROUTE, None
+        if path.startswith(_SEED_PREFIX):
+            model = path[len(_SEED_PREFIX) :]
+            if model and "/" not in model:
+                return SEED_ROUTE, model
+        return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.api(scope, receive, send)
             return
-        rid = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                text = value.decode("latin-1")
-                if _REQUEST_ID_RE.match(text):
-                    rid = text
-                break
-        if not rid:
-            rid = os.urandom(8).hex()
+        rid = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid
         request_id_var.set(rid)
+        route = self._generation_route(scope["path"]) if scope["method"] == "POST" else None
+        if route is not None:
+            await self._generate(scope, receive, send, rid, *route)
+            return
         header = (b"x-request-id", rid.encode())
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), header]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        await self.api(scope, receive, send_with_id)
+
+    async def _generate(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        rid: str,
+        route: str,
+        model: str | None,
+    ) -> None:
+        try:
+            response = await self.gateway.start_generation(Request(scope, receive), route, model)
+        except ApiError as exc:
+            await send_error(send, exc, (b"x-request-id", rid.encode()))
+            return
+        except Exception:
+            log.exception("unexpected error reading a request to %s", scope["path"])
+            err = ApiError(500, "internal error; see the gateway log", code="internal")
+            await send_error(send, err, (b"x-request-id", rid.encode()))
+            return
+        await response(scope, receive, send)
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -183,90 +141,8 @@ def _error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.payload(), status_code=exc.status, headers=headers)
 
 
-class GenerationResponse(Response):
-    """A raw ASGI response: the generation writes to `send` itself."""
-
-    def __init__(
-        self,
-        gateway: Gateway,
-        router: ModelRouter,
-        inp: GenerationInput,
-        max_tokens: int,
-        fmt: StreamFormat,
-        route: str,
-        client_key: str,
-    ) -> None:
-        self.gateway = gateway
-        self.router = router
-        self.inp = inp
-        self.max_tokens = max_tokens
-        self.fmt = fmt
-        self.route = route
-        self.client_key = client_key
-        self.background = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            status = await self.gateway.service.run(
-                scope,
-                receive,
-                send,
-                router=self.router,
-                inp=self.inp,
-                max_tokens=self.max_tokens,
-                fmt=self.fmt,
-                request_id=self.fmt.request_id,
-                client_key=self.client_key,
-            )
-        except ApiError as exc:
-            status = exc.status
-            reason = REASONS.get(status)
-            if reason and exc.code != "no_replica":
-                metrics.REJECTIONS.labels(self.router.name, reason).inc()
-            await send({"type": "http.response.start", "status": status, "headers": exc.headers()})
-            await send({"type": "http.response.body", "body": exc.body()})
-        metrics.REQUESTS.labels(self.router.name, self.route, str(status)).inc()
-
-
-async def read_body(request: Request, limit: int, *, allow_text: bool) -> tuple[bytes, bool]:
-    """The body (at most `limit` bytes) and whether it is JSON; 413/415 otherwise."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if allow_text and ctype == "application/x-www-form-urlencoded":
-        ctype = ""  # what `curl -d` sends by default: read the body as if untyped
-    is_json = ctype == "application/json" or ctype.endswith("+json")
-    if not is_json and not (allow_text and ctype == "text/plain") and ctype:
-        accepted = "application/json or text/plain" if allow_text else "application/json"
-        raise ApiError(
-            415,
-            f"content-type {ctype!r} is not supported; send {accepted}",
-            code="unsupported_media_type",
-        )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(
-            413,
-            f"body of {declared} bytes is over the limit of {limit} bytes",
-            code="body_too_large",
-        )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body is over the limit of {limit} bytes", code="body_too_large")
-    if not ctype:  # no content type: JSON when it looks like it, else the prompt text
-        is_json = body.lstrip()[:1] in (b"{", b"[") or not allow_text
-    return bytes(body), is_json
-
-
-def _client_key(request: Request, api_key: str | None) -> str:
-    if api_key:
-        return f"key:{api_key}"
-    return request.client.host if request.client else "unknown"
-
-
-def create_app(options: GatewayOptions) -> FastAPI:
-    gateway = Gateway(options)
-    http_protocol.send_buffer_bytes = gateway.settings.client_send_buffer_bytes
+def create_api(gateway: Gateway) -> FastAPI:
+    """The FastAPI application: every route, its documentation and error handlers."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -283,48 +159,6 @@ def create_app(options: GatewayOptions) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    limit = gateway.settings.max_body_bytes
-
-    def rejected(model: str, route: str, exc: ApiError) -> ApiError:
-        reason = REASONS.get(exc.status, "invalid" if exc.status < 500 else None)
-        if reason:
-            metrics.REJECTIONS.labels(model, reason).inc()
-        metrics.REQUESTS.labels(model, route, str(exc.status)).inc()
-        return exc
-
-    async def start_generation(
-        request: Request,
-        route: str,
-        model: str | None,
-        parse: Callable[..., Any],
-        fmt_cls: type[StreamFormat],
-    ) -> GenerationResponse:
-        label = model or ""
-        try:
-            api_key = gateway.check_auth(request)
-            body, is_json = await read_body(request, limit, allow_text=route == SEED_ROUTE)
-            session = request.headers.get("x-session-id")
-            if route == SEED_ROUTE:
-                assert model is not None
-                router = gateway.router_for(model)
-                inp = (
-                    parse_seed_json(decode_json(body), session)
-                    if is_json
-                    else parse_seed_text(body, session)
-                )
-            else:
-                model, inp = parse(decode_json(body), session)
-                label = model or ""
-                router = gateway.router_for(model or "")
-            max_tokens = check_max_tokens(inp, router.max_tokens)
-        except ApiError as exc:
-            raise rejected(label if label in gateway.table.models else "", route, exc) from None
-        rid = request.state.request_id
-        fmt = fmt_cls(rid, router.name, inp.include_usage)
-        return GenerationResponse(
-            gateway, router, inp, max_tokens, fmt, route, _client_key(request, api_key)
-        )
-
     error_docs: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorBody, "description": text}
         for status, text in (
@@ -337,14 +171,15 @@ def create_app(options: GatewayOptions) -> FastAPI:
             (503, "At capacity or no ready replica; see Retry-After"),
         )
     }
-    sse_doc = {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}}
+    ok_doc = {
+        "description": "SSE stream (`stream` true) or one JSON body",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}},
     }
+    responses: dict[int | str, dict[str, Any]] = {200: ok_doc, **error_docs}
 
     def body_doc(schema: str, text: bool = False) -> dict[str, Any]:
-        content: dict[str, Any] = {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
-        }
+        ref = {"$ref": f"#/components/schemas/{schema}"}
+        content: dict[str, Any] = {"application/json": {"schema": ref}}
         if text:
             content["text/plain"] = {"schema": {"type": "string", "description": "the prompt"}}
         return {"requestBody": {"required": True, "content": content}}
@@ -352,31 +187,32 @@ def create_app(options: GatewayOptions) -> FastAPI:
     @app.post(
         CHAT_ROUTE,
         summary="OpenAI chat completions, streaming or not",
-        responses={200: sse_doc, **error_docs},
+        responses=responses,
         openapi_extra=body_doc("ChatCompletionRequest"),
+        response_class=Response,
     )
-    async def chat_completions(request: Request) -> Response:
-        return await start_generation(request, CHAT_ROUTE, None, parse_chat_completion, ChatFormat)
+    async def chat_completions(request: Request) -> Any:
+        return await gateway.start_generation(request, CHAT_ROUTE)
 
     @app.post(
         COMPLETIONS_ROUTE,
         summary="OpenAI text completions, streaming or not",
-        responses={200: sse_doc, **error_docs},
+        responses=responses,
         openapi_extra=body_doc("CompletionRequest"),
+        response_class=Response,
     )
-    async def completions(request: Request) -> Response:
-        return await start_generation(
-            request, COMPLETIONS_ROUTE, None, parse_completion, CompletionFormat
-        )
+    async def completions(request: Request) -> Any:
+        return await gateway.start_generation(request, COMPLETIONS_ROUTE)
 
     @app.post(
         SEED_ROUTE,
         summary="Stream a reply as SSE events {token, finished}; JSON body or text/plain prompt",
-        responses={200: sse_doc, **error_docs},
+        responses=responses,
         openapi_extra=body_doc("SeedChatRequest", text=True),
+        response_class=Response,
     )
-    async def chat(model: str, request: Request) -> Response:
-        return await start_generation(request, SEED_ROUTE, model, parse_seed_json, SeedFormat)
+    async def chat(model: str, request: Request) -> Any:
+        return await gateway.start_generation(request, SEED_ROUTE, model)
 
     @app.get("/v1/models", summary="Models this gateway routes")
     async def list_models(request: Request) -> JSONResponse:
@@ -417,12 +253,11 @@ def create_app(options: GatewayOptions) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {
-            404: f"no route {request.url.path}",
-            405: f"method {request.method} not allowed on {request.url.path}",
-        }
-        err = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
-        response = _error_response(err)
+        path = request.url.path
+        message = {404: f"no route {path}", 405: f"method {request.method} not allowed on {path}"}
+        response = _error_response(
+            ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+        )
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
@@ -450,61 +285,18 @@ def create_app(options: GatewayOptions) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(RequestIdMiddleware)
     return app
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
+def create_app(options: GatewayOptions) -> GatewayApp:
+    """The gateway's ASGI app for one process."""
+    gateway = Gateway(options)
+    http_protocol.send_buffer_bytes = gateway.settings.client_send_buffer_bytes
+    return GatewayApp(gateway, create_api(gateway))
 
 
-class ErrorBody(BaseModel):
-    """Every error response (OpenAI's shape)."""
-
-    error: ErrorDetail
-
-
-OPTIONS_ENV = "MSS_GATEWAY_OPTIONS"
-
-
-def options_to_json(options: GatewayOptions) -> str:
-    import orjson
-
-    return orjson.dumps(
-        {
-            "config": options.config.model_dump(mode="json"),
-            "replicas": options.replicas,
-            "controller": options.controller,
-            "routing": options.routing,
-            "workers": options.workers,
-            "replica_streams": options.replica_streams,
-            "log_format": options.log_format,
-            "log_level": options.log_level,
-        }
-    ).decode()
-
-
-def options_from_json(text: str) -> GatewayOptions:
-    import orjson
-
-    raw = orjson.loads(text)
-    return GatewayOptions(
-        config=ClusterConfig.model_validate(raw["config"]),
-        replicas=[(m, a) for m, a in raw["replicas"]],
-        controller=raw["controller"],
-        routing=raw["routing"],
-        workers=raw["workers"],
-        replica_streams=raw["replica_streams"],
-        log_format=raw["log_format"],
-        log_level=raw["log_level"],
-    )
-
-
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> GatewayApp:
     """Factory for uvicorn worker processes: options travel in MSS_GATEWAY_OPTIONS."""
-    options = options_from_json(os.environ[OPTIONS_ENV])
+    options = GatewayOptions.from_json(os.environ[OPTIONS_ENV])
     setup_logging("gateway", options.log_format, options.log_level)
     return create_app(options)

@@ -132,7 +132,7 @@ class GenerationService:
         inp: GenerationInput,
         max_tokens: int,
         fmt: StreamFormat,
-        request_id: str,
+        headers: list[tuple[bytes, bytes]],
         client_key: str,
     ) -> int:
         """Serve one generation; returns the HTTP status sent. Raises ApiError before any byte."""
@@ -147,14 +147,12 @@ class GenerationService:
             await self._admit(router.admission, flow)
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
-                req = build_request(inp, request_id, max_tokens)
+                req = build_request(inp, fmt.request_id, max_tokens)
                 client, sink = await self._first(router, req, inp.session_key, flow)
                 try:
                     if inp.stream:
-                        return await self._stream(
-                            send, router, sink, fmt, flow, arrived, request_id
-                        )
-                    return await self._collect(send, router, sink, fmt, flow, arrived, request_id)
+                        return await self._stream(send, router, sink, fmt, flow, arrived, headers)
+                    return await self._collect(send, router, sink, fmt, flow, arrived, headers)
                 finally:
                     if not sink.ended:
                         router.metrics.aborts.inc()
@@ -272,12 +270,12 @@ class GenerationService:
         fmt: StreamFormat,
         flow: Flow,
         arrived: float,
-        request_id: str,
+        headers: list[tuple[bytes, bytes]],
     ) -> int:
         loop = asyncio.get_running_loop()
         m = router.metrics
         token = fmt.token
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         parts: list[bytes] = [fmt.first()]
         produced = 0
         first_sent = False
@@ -352,7 +350,7 @@ class GenerationService:
         fmt: StreamFormat,
         flow: Flow,
         arrived: float,
-        request_id: str,
+        headers: list[tuple[bytes, bytes]],
     ) -> int:
         loop = asyncio.get_running_loop()
         texts: list[str] = []
@@ -384,6 +382,7 @@ class GenerationService:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *headers,
                 ],
             }
         )

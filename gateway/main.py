@@ -17,7 +17,8 @@ from typing import Any
 
 import uvicorn
 
-from gateway.app import OPTIONS_ENV, GatewayOptions, create_app, options_to_json
+from gateway.app import OPTIONS_ENV, create_app
+from gateway.endpoints import GatewayOptions
 from gateway.metrics import MULTIPROC_ENV
 from gateway.routing import STRATEGIES
 from mss.config import ConfigError, load_config
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "lifespan": "on",
         "log_config": None,
         "access_log": False,
+        "proxy_headers": False,
         "timeout_graceful_shutdown": 30,
     }
     if settings.workers == 1:
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     metrics_dir = tempfile.mkdtemp(prefix="mss-gateway-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
-    os.environ[OPTIONS_ENV] = options_to_json(options)
+    os.environ[OPTIONS_ENV] = options.to_json()
     try:
         uvicorn.run(
             "gateway.app:app_from_environment", factory=True, workers=settings.workers, **common

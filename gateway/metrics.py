@@ -7,13 +7,15 @@ Gauges sum over live workers, except the table version and the replica load
 (the most recent report wins).
 
 Hot-path cost: per request, a few counter/histogram updates on children
-bound once per model; per delivery to the client, one ITL observation.
+bound once per model; per delivery to the client, one ITL observation into a
+local batch flushed every second and at each scrape.
 Gauges are refreshed from the gateway's counters once a second, not per request.
 """
 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -115,12 +117,46 @@ TABLE_VERSION = Gauge(
 )
 
 
+class BatchedHistogram:
+    """Observations counted locally, added to a Histogram child in bulk by `flush`.
+
+    For per-token latencies: an observation is one bisect and two additions
+    instead of a locked update of the shared (or, with several workers,
+    memory-mapped) values. Relies on prometheus_client keeping one
+    non-cumulative value per bucket in `_buckets` and the sum in `_sum`, as it
+    has since 0.4; a unit test checks the exposition matches `observe`.
+    """
+
+    __slots__ = ("_bounds", "_counts", "_sum", "child")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        if not any(counts):
+            return
+        buckets = self.child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        self.child._sum.inc(total)
+
+
 @dataclass(slots=True)
 class ModelMetrics:
     """Children bound once per model, so the hot path does no label lookups."""
 
     ttft: Histogram
-    itl: Histogram
+    itl: BatchedHistogram
     e2e: Histogram
     queue: Histogram
     prompt_tokens: Counter
@@ -138,7 +174,7 @@ def for_model(model: str) -> ModelMetrics:
     if found is None:
         found = ModelMetrics(
             ttft=TTFT.labels(model),
-            itl=ITL.labels(model),
+            itl=BatchedHistogram(ITL.labels(model)),
             e2e=E2E.labels(model),
             queue=QUEUE.labels(model),
             prompt_tokens=PROMPT_TOKENS.labels(model),
@@ -149,6 +185,12 @@ def for_model(model: str) -> ModelMetrics:
         )
         _models[model] = found
     return found
+
+
+def flush() -> None:
+    """Move locally batched observations into the exported metrics."""
+    for m in _models.values():
+        m.itl.flush()
 
 
 def render() -> tuple[bytes, str]:

@@ -164,7 +164,8 @@ class RoutingTable:
         task.add_done_callback(self._closing.discard)
 
     def refresh_gauges(self) -> None:
-        """Copy counters into the gauges (called about once a second)."""
+        """Copy counters into the gauges and flush batched metrics (about once a second)."""
+        metrics.flush()
         for name, router in self.models.items():
             metrics.IN_FLIGHT.labels(name).set(router.admission.in_flight)
             metrics.QUEUED.labels(name).set(router.admission.queued)

@@ -57,3 +57,31 @@ def test_completion_chunks() -> None:
     assert chunks[0]["choices"][0]["text"] == "a"  # type: ignore[index]
     assert chunks[0]["object"] == "text_completion" and chunks[0]["id"] == "cmpl-r2"
     assert chunks[1]["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
+
+
+def test_batched_histogram_exports_like_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gateway.metrics import ITL_BUCKETS, BatchedHistogram
+
+    registry = CollectorRegistry()
+    direct = Histogram("direct_seconds", "d", ["m"], buckets=ITL_BUCKETS, registry=registry)
+    batched = Histogram("batched_seconds", "b", ["m"], buckets=ITL_BUCKETS, registry=registry)
+    local = BatchedHistogram(batched.labels("x"))
+    values = [0.0005, 0.001, 0.0011, 0.01, 0.3, 2.5, 7.0, 0.01]
+    for v in values:
+        direct.labels("x").observe(v)
+        local.observe(v)
+    before = generate_latest(registry).decode()
+    assert 'batched_seconds_count{m="x"} 0.0' in before
+    local.flush()
+    local.flush()  # nothing new: no change
+    text = generate_latest(registry).decode()
+    direct_lines = [
+        ln.replace("direct", "X") for ln in text.splitlines() if ln.startswith("direct")
+    ]
+    batched_lines = [
+        ln.replace("batched", "X") for ln in text.splitlines() if ln.startswith("batched")
+    ]
+    strip = [ln for ln in direct_lines if "_created" not in ln]
+    assert strip == [ln for ln in batched_lines if "_created" not in ln]
