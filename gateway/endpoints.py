@@ -159,6 +159,7 @@ class GenerationResponse(Response):
                 metrics.REJECTIONS.labels(self.router.name, reason).inc()
             await send_error(send, exc, rid_header)
         metrics.REQUESTS.labels(self.router.name, self.route, str(status)).inc()
+        log.debug("%s %s answered %d", self.route, self.router.name, status)
 
 
 async def send_error(send: Any, exc: ApiError, *extra: tuple[bytes, bytes]) -> None:
