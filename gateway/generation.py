@@ -105,6 +105,15 @@ def build_request(
     return req
 
 
+def _dropped_while_writing(flow: Flow) -> bool:
+    """True when a cancelled write was the watchdog dropping a slow client (not a shutdown)."""
+    task = asyncio.current_task()
+    if flow.dropped and task is not None and task.uncancel() == 0:
+        flow.leave()
+        return True
+    return False
+
+
 class GenerationService:
     """Runs generations; holds the flows in progress for the slow-client watchdog."""
 
@@ -254,11 +263,8 @@ class GenerationService:
         try:
             await send({"type": "http.response.body", "body": body, "more_body": more})
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if flow.dropped and task is not None and task.uncancel() == 0:
-                flow.leave()
-                return
-            raise
+            if not _dropped_while_writing(flow):
+                raise
         finally:
             flow.send_started = 0.0
 
@@ -272,39 +278,47 @@ class GenerationService:
         arrived: float,
         headers: list[tuple[bytes, bytes]],
     ) -> int:
-        loop = asyncio.get_running_loop()
+        # The per-token loop: kept flat (no helper coroutines) since it runs once per
+        # token per stream.
         m = router.metrics
         token = fmt.token
+        take = sink.take
+        observe_itl = m.itl.observe
+        loop_time = asyncio.get_running_loop().time
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         parts: list[bytes] = [fmt.first()]
-        produced = 0
-        first_sent = False
         last = 0.0
         while True:
             finish: replica_pb2.RequestDelta | None = None
-            for delta in sink.take():
-                if delta.text:
-                    parts.append(token(delta.text))
-                produced += delta.num_tokens
+            for delta in take():
+                text = delta.text
+                if text:
+                    parts.append(token(text))
                 if delta.finish_reason:
                     finish = delta
-            now = loop.time()
             if finish is not None or sink.overflowed:
                 return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
             if parts:
-                await self._write(send, flow, b"".join(parts), True)
+                now = flow.send_started = loop_time()
+                body = b"".join(parts)
                 parts = []
-                if first_sent:
-                    m.itl.observe(now - last)
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                except asyncio.CancelledError:
+                    if not _dropped_while_writing(flow):
+                        raise
+                flow.send_started = 0.0
+                if last:
+                    observe_itl(now - last)
                 else:
                     m.ttft.observe(now - arrived)
-                    first_sent = True
                 last = now
             if flow.gone:
                 raise ClientGone
-            await sink.wait()
-            if flow.gone:
-                raise ClientGone
+            if not sink.items and not sink.ended:
+                await sink.arm()
+                if flow.gone:
+                    raise ClientGone
 
     async def _end_stream(
         self,

@@ -56,7 +56,16 @@ class RequestSink:
     the replica and the sink is marked overflowed.
     """
 
-    __slots__ = ("_waiter", "ended", "items", "limit", "overflowed", "request_id", "stream")
+    __slots__ = (
+        "_loop",
+        "_waiter",
+        "ended",
+        "items",
+        "limit",
+        "overflowed",
+        "request_id",
+        "stream",
+    )
 
     def __init__(self, request_id: str, stream: GenerateStream, limit: int) -> None:
         self.request_id = request_id
@@ -67,6 +76,7 @@ class RequestSink:
         """True once the last delta (finish_reason set) arrived or the request was dropped."""
         self.overflowed = False
         self._waiter: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
 
     def push(self, delta: replica_pb2.RequestDelta) -> None:
         items = self.items
@@ -77,23 +87,25 @@ class RequestSink:
             self.overflowed = True
             self.ended = True
             self.stream.cancel(self.request_id)
-        self.wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def arm(self) -> asyncio.Future[None]:
+        """A future that `push` or `wake` completes; await it when there is nothing to take."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiter = waiter
+        return waiter
+
     async def wait(self) -> None:
         """Return once there are deltas to take, the request ended, or `wake` was called."""
-        if self.items or self.ended:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        if not self.items and not self.ended:
+            await self.arm()
 
     def take(self) -> list[replica_pb2.RequestDelta]:
         items = self.items

@@ -224,7 +224,9 @@ class Target:
     label: str
     url: str
     pid: int
-    baseline: str
+    baselines: list[str]
+    """Labels this target is compared with, first the main one."""
+    backend_pid: int = 0
     grpc: bool = False
 
 
@@ -315,7 +317,7 @@ def start_targets(args: argparse.Namespace, kit: Path, procs: Procs) -> list[Tar
     )
     backend_url = f"http://127.0.0.1:{backend_port}"
     wait_http(backend_url + "/v1/models")
-    targets.append(Target("direct", backend_url, backend.pid, ""))
+    targets.append(Target("direct", backend_url, backend.pid, []))
 
     work = Path(args.bench_work)
     peers = {
@@ -345,7 +347,7 @@ def start_targets(args: argparse.Namespace, kit: Path, procs: Procs) -> list[Tar
         )
         proc = procs.start(name, cmd)
         wait_http(f"http://127.0.0.1:{port}/v1/models")
-        targets.append(Target(name, f"http://127.0.0.1:{port}", proc.pid, "direct"))
+        targets.append(Target(name, f"http://127.0.0.1:{port}", proc.pid, ["direct"], backend.pid))
 
     replica_port = free_port()
     replica = procs.start(
@@ -372,7 +374,7 @@ def start_targets(args: argparse.Namespace, kit: Path, procs: Procs) -> list[Tar
     )
     replica_address = f"127.0.0.1:{replica_port}"
     wait_replica(replica_address)
-    targets.append(Target("replica", replica_address, replica.pid, "", grpc=True))
+    targets.append(Target("replica", replica_address, replica.pid, [], grpc=True))
 
     config = Path(tempfile.mkdtemp(prefix="mss-bench-")) / "gateway.yaml"
     config.write_text(
@@ -394,18 +396,23 @@ def start_targets(args: argparse.Namespace, kit: Path, procs: Procs) -> list[Tar
             str(gw_port),
             "--replica",
             f"{MODEL}={replica_address}",
+            "--replica-streams",
+            str(args.replica_streams),
             "--log-level",
             "WARNING",
         ],
         env,
     )
     wait_http(f"http://127.0.0.1:{gw_port}/ready")
-    targets.append(Target("ours", f"http://127.0.0.1:{gw_port}", gateway.pid, "replica"))
+    url = f"http://127.0.0.1:{gw_port}"
+    targets.append(Target("ours", url, gateway.pid, ["replica", "direct"], replica.pid))
     return targets
 
 
 def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Path) -> None:
     watch = ["--watch", f"router={target.pid}"]
+    if target.backend_pid:
+        watch += ["--watch", f"backend={target.backend_pid}"]
     common = [
         "-c",
         str(c),
@@ -455,8 +462,8 @@ def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Pa
 
 
 def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
+    """One line per target and concurrency, and one more per extra baseline."""
     by = {(r["label"], r["C"]): r for r in rows}
-    base = {t.label: t.baseline for t in targets}
     lines = [
         "| target | vs | C | req/s | tok/s | throughput ratio | TTFT p50 / p99 ms | "
         "added TTFT p50 / p99 ms | ITL p99 ms | added ITL p99 ms | CPU % | CPU us/chunk | errors |",
@@ -467,22 +474,24 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
             r = by.get((t.label, c))
             if r is None:
                 continue
-            b = by.get((base[t.label], c)) if base[t.label] else None
             ttft, itl = r["ttft_ms"], r["itl_ms"]
             cpu = r["cpu_pct"].get("router")
             per_chunk = f"{cpu / 100 / r['tok_s'] * 1e6:.1f}" if cpu and r["tok_s"] else "-"
-            if b is not None:
-                ratio = f"{r['tok_s'] / b['tok_s']:.3f}" if b["tok_s"] else "-"
-                bt, bi = b["ttft_ms"], b["itl_ms"]
-                added = f"{ttft['50'] - bt['50']:+.1f} / {ttft['99'] - bt['99']:+.1f}"
-                added_itl = f"{itl['99'] - bi['99']:+.1f}"
-            else:
-                ratio, added, added_itl = "1 (baseline)", "-", "-"
-            lines.append(
-                f"| {t.label} | {base[t.label] or '-'} | {c} | {r['rps']} | {r['tok_s']:.0f} | "
-                f"{ratio} | {ttft['50']:.1f} / {ttft['99']:.1f} | {added} | {itl['99']:.1f} | "
-                f"{added_itl} | {cpu if cpu is not None else '-'} | {per_chunk} | {r['errors']} |"
-            )
+            for base_label in t.baselines or [""]:
+                b = by.get((base_label, c)) if base_label else None
+                if b is not None:
+                    ratio = f"{r['tok_s'] / b['tok_s']:.3f}" if b["tok_s"] else "-"
+                    bt, bi = b["ttft_ms"], b["itl_ms"]
+                    added = f"{ttft['50'] - bt['50']:+.1f} / {ttft['99'] - bt['99']:+.1f}"
+                    added_itl = f"{itl['99'] - bi['99']:+.1f}"
+                else:
+                    ratio, added, added_itl = "1 (baseline)", "-", "-"
+                lines.append(
+                    f"| {t.label} | {base_label or '-'} | {c} | {r['rps']} | {r['tok_s']:.0f} | "
+                    f"{ratio} | {ttft['50']:.1f} / {ttft['99']:.1f} | {added} | "
+                    f"{itl['99']:.1f} | {added_itl} | {cpu if cpu is not None else '-'} | "
+                    f"{per_chunk} | {r['errors']} |"
+                )
     return "\n".join(lines)
 
 
@@ -526,9 +535,10 @@ def run_bench(args: argparse.Namespace) -> int:
     header = (
         f"# Gateway benchmark {stamp}: {args.tokens} tokens at {args.interval_ms:g} ms, "
         f"{args.duration:g} s per point, gateway workers {args.workers}\n\n"
-        "Routers are compared with `direct` (the kit's fake backend); `ours` with `replica`\n"
-        "(our fake-engine replica over gRPC). CPU us/chunk: the target process's CPU time per\n"
-        "streamed token.\n\n"
+        "Routers are compared with `direct` (the kit's fake backend, same HTTP load generator);\n"
+        "`ours` with `replica` (its own backend, our fake-engine replica, driven over gRPC) and\n"
+        "with `direct`. CPU us/chunk: CPU time of the target process (for baselines, of the\n"
+        "backend itself) per streamed token.\n\n"
     )
     (RESULTS / f"bench_gateway-{stamp}.md").write_text(header + table + "\n")
     print(header + table)
@@ -569,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--interval-ms", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    p.add_argument("--replica-streams", type=int, default=1, help="gateway streams per replica")
     p.add_argument("--loadgen-procs", type=int, default=1)
     p.add_argument(
         "--wait-quiet", type=float, default=0.0, help="wait up to S s for a quiet machine"
