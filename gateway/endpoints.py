@@ -158,7 +158,7 @@ class GenerationResponse(Response):
             if reason and exc.code != "no_replica":
                 metrics.REJECTIONS.labels(self.router.name, reason).inc()
             await send_error(send, exc, rid_header)
-        metrics.REQUESTS.labels(self.router.name, self.route, str(status)).inc()
+        metrics.count_request(self.router.name, self.route, status)
         log.debug("%s %s answered %d", self.route, self.router.name, status)
 
 
@@ -257,7 +257,7 @@ class Gateway:
             model_label = label if label in self.table.models else ""
             reason = REASONS.get(exc.status, "invalid")
             metrics.REJECTIONS.labels(model_label, reason).inc()
-            metrics.REQUESTS.labels(model_label, route, str(exc.status)).inc()
+            metrics.count_request(model_label, route, exc.status)
             raise
         rid = getattr(request.state, "request_id", None) or os.urandom(8).hex()
         fmt = _FORMATS[route](rid, router.name, inp.include_usage)

@@ -187,6 +187,18 @@ def for_model(model: str) -> ModelMetrics:
     return found
 
 
+_request_counters: dict[tuple[str, str, int], Counter] = {}
+
+
+def count_request(model: str, route: str, status: int) -> None:
+    """mss_gateway_requests_total, with its children cached (one dict lookup per request)."""
+    key = (model, route, status)
+    child = _request_counters.get(key)
+    if child is None:
+        child = _request_counters[key] = REQUESTS.labels(model, route, str(status))
+    child.inc()
+
+
 def flush() -> None:
     """Move locally batched observations into the exported metrics."""
     for m in _models.values():

@@ -19,6 +19,8 @@ import logging
 import math
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from gateway import metrics
 from gateway.admission import ModelAdmission
 from gateway.replica_client import ReplicaClient
@@ -44,6 +46,7 @@ class ModelRouter:
         self.clients: dict[str, ReplicaClient] = {}
         self.candidates: list[ReplicaStats] = []
         self.metrics = metrics.for_model(name)
+        self._decisions: dict[str, Counter] = {}
 
     def set_clients(self, clients: dict[str, ReplicaClient]) -> None:
         self.clients = clients
@@ -55,11 +58,21 @@ class ModelRouter:
         stats = self.strategy.choose(self.candidates, key, exclude)
         if stats is None:
             return None
-        metrics.ROUTING.labels(self.name, stats.replica_id, self.strategy_name).inc()
-        return self.clients[stats.replica_id]
+        rid = stats.replica_id
+        counter = self._decisions.get(rid)
+        if counter is None:
+            counter = self._decisions[rid] = metrics.ROUTING.labels(
+                self.name, rid, self.strategy_name
+            )
+        counter.inc()
+        return self.clients[rid]
 
     def ready(self) -> bool:
         return any(s.healthy and not s.removed for s in self.candidates)
+
+    def forget_decision_counters(self) -> None:
+        """Strategy changed: count decisions under the new strategy label."""
+        self._decisions.clear()
 
 
 class RoutingTable:
@@ -125,6 +138,8 @@ class RoutingTable:
         elif router.strategy_name != strategy:
             router.strategy = make_strategy(strategy)
             router.strategy_name = strategy
+            router.strategy.replicas_changed(router.candidates)
+            router.forget_decision_counters()
         # Bounds are per gateway; several worker processes share them.
         max_in_flight = math.ceil((routes.max_in_flight or defaults.max_in_flight) / self.workers)
         max_queue = math.ceil((routes.max_queue or defaults.max_queue) / self.workers)
