@@ -15,7 +15,7 @@ from collections.abc import Callable
 import httpx
 
 from tests.integration.test_gateway_api import MODEL, sse_events, start_gateway
-from tests.procs import Proc, health, start_replica
+from tests.procs import Proc, health, spawn, start_replica
 
 
 def metric(gateway: Proc, name: str, **labels: str) -> float:
@@ -277,3 +277,51 @@ async def test_slow_reader_is_dropped_while_other_streams_finish() -> None:
         sock.close()
         gateway.stop()
         replica.stop()
+
+
+async def test_a_replica_that_comes_back_rejoins_the_rotation() -> None:
+    replica = start_replica(token_interval_ms=2)
+    port = replica.address.rsplit(":", 1)[1]
+    gateway = start_gateway([(MODEL, replica.address)])
+    again: Proc | None = None
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = gateway.address
+            assert len(await stream_tokens(client, url, {"prompt": "a", "max_tokens": 3})) == 3
+            replica.kill()
+            r = await client.post(f"{url}/v1/chat/{MODEL}", json={"prompt": "a", "max_tokens": 3})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+            async def ready() -> bool:
+                return (await client.get(f"{url}/ready")).status_code == 200
+
+            for _ in range(50):
+                if not await ready():
+                    break
+                await asyncio.sleep(0.1)
+            assert not await ready()  # failures past the threshold: out of the rotation
+            again = spawn(
+                [
+                    "replica",
+                    "--engine",
+                    "fake",
+                    "--name",
+                    MODEL,
+                    "--port",
+                    port,
+                    "--token-interval-ms",
+                    "2",
+                ],
+                f"replica-{port}",
+            )
+            again.address = replica.address
+            deadline = time.monotonic() + 15
+            while not await ready():
+                assert time.monotonic() < deadline, "the restarted replica did not rejoin"
+                await asyncio.sleep(0.1)
+            assert len(await stream_tokens(client, url, {"prompt": "a", "max_tokens": 3})) == 3
+    finally:
+        gateway.stop()
+        replica.stop()
+        if again is not None:
+            again.stop()
