@@ -60,9 +60,8 @@ def start_gateway(replica: Proc) -> Proc:
 
 
 def test_request_id_in_gateway_and_replica_json_logs_without_prompt() -> None:
-    replica = start_replica(
-        engine="fake", token_interval_ms=2, extra_args=["--log-format", "json", "--log-level", "debug"]
-    )
+    json_debug = ["--log-format", "json", "--log-level", "debug"]
+    replica = start_replica(engine="fake", token_interval_ms=2, extra_args=json_debug)
     gateway: Proc | None = None
     try:
         gateway = start_gateway(replica)
