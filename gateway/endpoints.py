@@ -10,6 +10,7 @@ is a raw ASGI callable: `GenerationService` writes SSE chunks to `send` itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -44,6 +45,7 @@ SEED_ROUTE = "/v1/chat/{model}"
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 REASONS = {401: "auth", 429: "rate", 503: "capacity"}
+GC_YOUNG_THRESHOLD = 10_000
 _FORMATS: dict[str, type[StreamFormat]] = {
     SEED_ROUTE: SeedFormat,
     CHAT_ROUTE: ChatFormat,
@@ -203,6 +205,12 @@ class Gateway:
         else:
             table = static_table(self.options.replicas, self.options.config, self.options.routing)
             self.table.apply(table)
+        # What exists now lives as long as the process: keep it out of every collection,
+        # and collect the young generation less often (per-token objects die young, by
+        # reference counting; a collection pass stalls every stream for milliseconds).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
     async def stop(self) -> None:
         for task in self._tasks:

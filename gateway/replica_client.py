@@ -60,6 +60,7 @@ class RequestSink:
         "_loop",
         "_waiter",
         "ended",
+        "fresh",
         "items",
         "limit",
         "overflowed",
@@ -75,6 +76,8 @@ class RequestSink:
         self.ended = False
         """True once the last delta (finish_reason set) arrived or the request was dropped."""
         self.overflowed = False
+        self.fresh = True
+        """No delta has arrived yet."""
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -132,6 +135,7 @@ class GenerateStream:
         self.closed = False
         self._outbox: deque[replica_pb2.GenerateClientMessage] = deque()
         self._wake = asyncio.Event()
+        self._writing = False
         self.call = client.stub.Generate(wait_for_ready=False)
         self._writer = asyncio.create_task(self._write(), name=f"replica-write-{client.replica_id}")
         self._reader = asyncio.create_task(self._read(), name=f"replica-read-{client.replica_id}")
@@ -154,12 +158,24 @@ class GenerateStream:
             self._outbox.append(replica_pb2.GenerateClientMessage(cancel=cancel))
             self._wake.set()
 
+    @property
+    def idle(self) -> bool:
+        """Not writing and nothing queued: a new request goes out at once."""
+        return not self._writing and not self._outbox and not self.closed
+
+    def backlog(self) -> int:
+        return len(self._outbox) + self._writing
+
     async def _write(self) -> None:
         outbox = self._outbox
         try:
             while not self.closed:
                 while outbox:
-                    await self.call.write(outbox.popleft())
+                    self._writing = True
+                    try:
+                        await self.call.write(outbox.popleft())
+                    finally:
+                        self._writing = False
                 self._wake.clear()
                 await self._wake.wait()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
@@ -176,14 +192,27 @@ class GenerateStream:
                 reply = await self.call.read()
                 if reply is grpc.aio.EOF:
                     break
+                # A request's first and last outputs are handed out before the others,
+                # so their handlers run first: with hundreds of streams advancing in one
+                # engine step, time to first token and to the end of a response do not
+                # pay for all the streams in the middle of theirs.
+                later: list[tuple[RequestSink, replica_pb2.RequestDelta]] = []
                 for delta in reply.deltas:
-                    sink = pending.get(delta.request_id)
+                    rid = delta.request_id
+                    sink = pending.get(rid)
                     if sink is None:
                         continue
                     if delta.finish_reason:
-                        del pending[delta.request_id]
+                        del pending[rid]
                         if delta.error.code == UNAVAILABLE:
                             client.mark_not_ready(delta.error.message)
+                        sink.push(delta)
+                    elif sink.fresh:
+                        sink.fresh = False
+                        sink.push(delta)
+                    else:
+                        later.append((sink, delta))
+                for sink, delta in later:
                     sink.push(delta)
                 load = reply.load
                 stats.running = load.running
@@ -251,14 +280,25 @@ class ReplicaClient:
     # Requests
 
     def submit(self, request: replica_pb2.GenerateRequest, buffer_limit: int) -> RequestSink:
-        """Send a request on one of the replica's streams; deltas arrive in the sink."""
+        """Send a request on one of the replica's streams; deltas arrive in the sink.
+
+        gRPC sends one message at a time per stream, each waiting for the event
+        loop to see the previous one complete; a burst of requests would queue
+        behind each other. So a request goes to a stream that is not writing, and
+        another stream is opened (up to the limit) only when all are busy.
+        """
         streams = self._streams
-        if len(streams) < self._n_streams:
-            stream = GenerateStream(self, next(self._stream_numbers))
-            streams.append(stream)
-        else:
-            self._next_stream = (self._next_stream + 1) % len(streams)
-            stream = streams[self._next_stream]
+        stream = None
+        for s in streams:
+            if s.idle:
+                stream = s
+                break
+        if stream is None:
+            if len(streams) < self._n_streams:
+                stream = GenerateStream(self, next(self._stream_numbers))
+                streams.append(stream)
+            else:
+                stream = min(streams, key=GenerateStream.backlog)
         self.stats.in_flight += 1
         return stream.submit(request, buffer_limit)
 

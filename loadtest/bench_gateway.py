@@ -477,7 +477,8 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
             ttft, itl = r["ttft_ms"], r["itl_ms"]
             cpu = r["cpu_pct"].get("router")
             per_chunk = f"{cpu / 100 / r['tok_s'] * 1e6:.1f}" if cpu and r["tok_s"] else "-"
-            for base_label in t.baselines or [""]:
+            present = [x for x in t.baselines if (x, c) in by]
+            for base_label in present or [""]:
                 b = by.get((base_label, c)) if base_label else None
                 if b is not None:
                     ratio = f"{r['tok_s'] / b['tok_s']:.3f}" if b["tok_s"] else "-"
@@ -522,6 +523,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"# targets: {', '.join(f'{t.label}={t.url}' for t in targets)}; logs in {logs}")
         for c in concurrency:
             for target in targets:
+                if args.only and target.label not in args.only.split(","):
+                    continue
                 if args.wait_quiet and (kit / "wait_quiet.py").exists():
                     subprocess.run(
                         [args.kit_python, str(kit / "wait_quiet.py"), "30", str(args.wait_quiet)],
@@ -581,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument("--replica-streams", type=int, default=1, help="gateway streams per replica")
     p.add_argument("--loadgen-procs", type=int, default=1)
+    p.add_argument("--only", default="", help="measure only these labels, e.g. replica,ours")
     p.add_argument(
         "--wait-quiet", type=float, default=0.0, help="wait up to S s for a quiet machine"
     )
