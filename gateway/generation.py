@@ -27,7 +27,7 @@ from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
 from gateway.http_protocol import TRANSPORT_KEY
-from gateway.replica_client import RequestSink
+from gateway.replica_client import ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter
 from gateway.sse import StreamFormat
 from protos import replica_pb2
@@ -208,7 +208,7 @@ class GenerationService:
         req: replica_pb2.GenerateRequest,
         key: str | None,
         flow: Flow,
-    ) -> tuple[Any, RequestSink]:
+    ) -> tuple[ReplicaClient, RequestSink]:
         """Submit to a replica and wait for its first output, retrying failures elsewhere."""
         loop = asyncio.get_running_loop()
         base_id = req.request_id

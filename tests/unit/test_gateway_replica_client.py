@@ -1,0 +1,164 @@
+"""The replica client against a scripted in-process Replica servicer.
+
+Covers multiplexing by request id, ordering of first outputs, cancellation on
+release and on buffer overflow, stream failure, and health transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import grpc
+import pytest
+
+from gateway.replica_client import UNAVAILABLE, ReplicaClient, RequestSink
+from protos import replica_pb2, replica_pb2_grpc
+
+MODEL = "m"
+
+
+class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
+    """Records what the gateway sends; the test decides what it answers."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.requests: list[str] = []
+        self.cancels: list[str] = []
+        self.replies: asyncio.Queue[replica_pb2.GenerateReply | None] = asyncio.Queue()
+        self.received = asyncio.Event()
+
+    async def Health(
+        self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> replica_pb2.HealthResponse:
+        return replica_pb2.HealthResponse(
+            ready=self.ready, model=MODEL, load=replica_pb2.Load(max_in_flight=8)
+        )
+
+    async def Generate(
+        self,
+        request_iterator: AsyncIterator[replica_pb2.GenerateClientMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[replica_pb2.GenerateReply]:
+        async def read() -> None:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") == "request":
+                    self.requests.append(message.request.request_id)
+                else:
+                    self.cancels.append(message.cancel.request_id)
+                self.received.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await self.replies.get()) is not None:
+                yield reply
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
+        finally:
+            reader.cancel()
+
+
+def delta(rid: str, text: str, finish: str = "") -> replica_pb2.RequestDelta:
+    return replica_pb2.RequestDelta(request_id=rid, text=text, num_tokens=1, finish_reason=finish)
+
+
+@pytest.fixture
+async def replica() -> AsyncIterator[tuple[ScriptedReplica, str]]:
+    servicer = ScriptedReplica()
+    server = grpc.aio.server()
+    replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def until(check: Callable[[], object], what: str) -> None:
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def request(rid: str) -> replica_pb2.GenerateRequest:
+    return replica_pb2.GenerateRequest(request_id=rid, prompt="p", max_tokens=4)
+
+
+def texts(sink: RequestSink) -> Iterator[str]:
+    return (d.text for d in sink.take())
+
+
+async def test_multiplexing_order_and_cancellation(replica: tuple[ScriptedReplica, str]) -> None:
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    assert client.stats.max_in_flight == 8
+    old, new = client.submit(request("old"), 16), client.submit(request("new"), 16)
+    dup = client.submit(request("old"), 16)  # same id twice on one stream: made unique
+    assert dup.request_id.startswith("old~")
+    await until(lambda: len(servicer.requests) == 3, "the requests")
+    assert servicer.requests == ["old", "new", dup.request_id]
+    assert client.stats.in_flight == 3
+
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("old", "a")]))
+    await until(lambda: old.items, "the first delta")
+    list(texts(old))
+    # One engine step: a middle token for `old`, the first for `new`, the last for `dup`.
+    order: list[str] = []
+
+    def record(rid: str) -> Callable[[object], None]:
+        return lambda _: order.append(rid)
+
+    for sink in (old, new, dup):
+        sink.arm().add_done_callback(record(sink.request_id))
+    servicer.replies.put_nowait(
+        replica_pb2.GenerateReply(
+            deltas=[delta("old", "b"), delta("new", "x"), delta(dup.request_id, "z", "length")],
+            load=replica_pb2.Load(running=3, waiting=1, kv_cache_usage=0.5, max_in_flight=8),
+        )
+    )
+    await until(lambda: len(order) == 3, "the wakeups")
+    assert order == ["new", dup.request_id, "old"]  # first and last outputs first
+    assert list(texts(new)) == ["x"] and list(texts(old)) == ["b"]
+    assert dup.ended and not new.ended
+    assert (client.stats.running, client.stats.waiting, client.stats.kv_cache_usage) == (3, 1, 0.5)
+
+    client.release(dup)  # finished: nothing to cancel
+    client.release(new)  # still running: cancelled on the replica
+    await until(lambda: servicer.cancels == ["new"], "the cancel")
+    assert client.stats.in_flight == 1
+    client.release(old)
+    await client.close()
+
+
+async def test_overflow_cancels_and_stream_failure_fails_pending(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address, failure_threshold=1)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    slow = client.submit(request("slow"), 2)
+    other = client.submit(request("other"), 16)
+    await until(lambda: len(servicer.requests) == 2, "the requests")
+    servicer.replies.put_nowait(
+        replica_pb2.GenerateReply(deltas=[delta("slow", t) for t in "abc"] + [delta("other", "o")])
+    )
+    await until(lambda: slow.overflowed, "the overflow")
+    assert slow.ended
+    await until(lambda: servicer.cancels == ["slow"], "the cancel of the unread request")
+
+    servicer.ready = False
+    servicer.replies.put_nowait(None)  # the stream fails (UNAVAILABLE)
+    await until(lambda: other.ended, "the failure delta")
+    last = other.take()[-1]
+    assert last.finish_reason == "error" and last.error.code == UNAVAILABLE
+    await until(lambda: not client.stats.healthy, "leaving the rotation")
+    servicer.ready = True
+    await until(lambda: client.stats.healthy, "the probe bringing it back")
+    for sink in (slow, other):
+        client.release(sink)
+    await client.close()
