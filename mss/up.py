@@ -323,7 +323,10 @@ class Up:
 
     def _print_ready(self, elapsed: float) -> None:
         model = self.config.deployments[0].name if self.config.deployments else "MODEL"
-        body = '{"messages":[{"role":"user","content":"What is the capital of France?"}]}'
+        body = (
+            '{"messages":[{"role":"user","content":"What is the capital of France?"}],'
+            '"temperature":0}'
+        )
         lines = [
             f"ready in {elapsed:.1f} s. Try:",
             "",

@@ -276,6 +276,9 @@ class VllmEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM.__del__ calls shutdown() again; run at interpreter exit,
+            # with modules half torn down, it prints a traceback. It is done.
+            llm.shutdown = lambda timeout=None: None
 
 
 _WORDS = (
