@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/replica.proto\x12\x0bmss.replica\"\xfb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.mss.replica.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"~\n\x15GenerateClientMessage\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.mss.replica.GenerateRequestH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.mss.replica.CancelRequestH\x00\x42\x06\n\x04kind\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb7\x01\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.mss.replica.RequestError\"j\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\"[\n\rGenerateReply\x12)\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x19.mss.replica.RequestDelta\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.mss.replica.Load\"\x0f\n\rHealthRequest\"\x8c\x01\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.mss.replica.Load\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x32\x9c\x01\n\x07Replica\x12N\n\x08Generate\x12\".mss.replica.GenerateClientMessage\x1a\x1a.mss.replica.GenerateReply(\x01\x30\x01\x12\x41\n\x06Health\x12\x1a.mss.replica.HealthRequest\x1a\x1b.mss.replica.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/replica.proto\x12\x0bmss.replica\"\xfb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.mss.replica.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"D\n\x0cRequestBatch\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".mss.replica.GenerateClientMessage\"\xaa\x01\n\x15GenerateClientMessage\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.mss.replica.GenerateRequestH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.mss.replica.CancelRequestH\x00\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x19.mss.replica.RequestBatchH\x00\x42\x06\n\x04kind\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb7\x01\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.mss.replica.RequestError\"j\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\"[\n\rGenerateReply\x12)\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x19.mss.replica.RequestDelta\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.mss.replica.Load\"\x0f\n\rHealthRequest\"\x8c\x01\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.mss.replica.Load\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x32\x9c\x01\n\x07Replica\x12N\n\x08Generate\x12\".mss.replica.GenerateClientMessage\x1a\x1a.mss.replica.GenerateReply(\x01\x30\x01\x12\x41\n\x06Health\x12\x1a.mss.replica.HealthRequest\x1a\x1b.mss.replica.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_end=335
   _globals['_CANCELREQUEST']._serialized_start=337
   _globals['_CANCELREQUEST']._serialized_end=372
-  _globals['_GENERATECLIENTMESSAGE']._serialized_start=374
-  _globals['_GENERATECLIENTMESSAGE']._serialized_end=500
-  _globals['_REQUESTERROR']._serialized_start=502
-  _globals['_REQUESTERROR']._serialized_end=547
-  _globals['_REQUESTDELTA']._serialized_start=550
-  _globals['_REQUESTDELTA']._serialized_end=733
-  _globals['_LOAD']._serialized_start=735
-  _globals['_LOAD']._serialized_end=841
-  _globals['_GENERATEREPLY']._serialized_start=843
-  _globals['_GENERATEREPLY']._serialized_end=934
-  _globals['_HEALTHREQUEST']._serialized_start=936
-  _globals['_HEALTHREQUEST']._serialized_end=951
-  _globals['_HEALTHRESPONSE']._serialized_start=954
-  _globals['_HEALTHRESPONSE']._serialized_end=1094
-  _globals['_REPLICA']._serialized_start=1097
-  _globals['_REPLICA']._serialized_end=1253
+  _globals['_REQUESTBATCH']._serialized_start=374
+  _globals['_REQUESTBATCH']._serialized_end=442
+  _globals['_GENERATECLIENTMESSAGE']._serialized_start=445
+  _globals['_GENERATECLIENTMESSAGE']._serialized_end=615
+  _globals['_REQUESTERROR']._serialized_start=617
+  _globals['_REQUESTERROR']._serialized_end=662
+  _globals['_REQUESTDELTA']._serialized_start=665
+  _globals['_REQUESTDELTA']._serialized_end=848
+  _globals['_LOAD']._serialized_start=850
+  _globals['_LOAD']._serialized_end=956
+  _globals['_GENERATEREPLY']._serialized_start=958
+  _globals['_GENERATEREPLY']._serialized_end=1049
+  _globals['_HEALTHREQUEST']._serialized_start=1051
+  _globals['_HEALTHREQUEST']._serialized_end=1066
+  _globals['_HEALTHRESPONSE']._serialized_start=1069
+  _globals['_HEALTHRESPONSE']._serialized_end=1209
+  _globals['_REPLICA']._serialized_start=1212
+  _globals['_REPLICA']._serialized_end=1368
 # @@protoc_insertion_point(module_scope)

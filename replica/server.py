@@ -135,18 +135,25 @@ class _Stream:
     async def read(self, messages: AsyncIterator[replica_pb2.GenerateClientMessage]) -> None:
         try:
             async for message in messages:
-                kind = message.WhichOneof("kind")
-                if kind == "request":
-                    self.start(message.request)
-                elif kind == "cancel":
-                    task = self.tasks.get(message.cancel.request_id)
-                    if task is not None:
-                        task.cancel()
+                if message.WhichOneof("kind") == "batch":
+                    for item in message.batch.messages:
+                        self.apply(item)
+                else:
+                    self.apply(message)
         except grpc.aio.AioRpcError as exc:  # the gateway went away mid-read
             log.debug("stream %d read ended: %s", self.number, exc.code())
         finally:
             self.reading = False
             self.wake.set()
+
+    def apply(self, message: replica_pb2.GenerateClientMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "request":
+            self.start(message.request)
+        elif kind == "cancel":
+            task = self.tasks.get(message.cancel.request_id)
+            if task is not None:
+                task.cancel()
 
     def reject(self, request_id: str, code: int, message: str) -> None:
         self.service.metrics.rejected(code)

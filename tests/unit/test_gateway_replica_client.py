@@ -25,6 +25,7 @@ class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
         self.ready = True
         self.requests: list[str] = []
         self.cancels: list[str] = []
+        self.batches = 0
         self.replies: asyncio.Queue[replica_pb2.GenerateReply | None] = asyncio.Queue()
         self.received = asyncio.Event()
 
@@ -42,10 +43,16 @@ class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
     ) -> AsyncIterator[replica_pb2.GenerateReply]:
         async def read() -> None:
             async for message in request_iterator:
-                if message.WhichOneof("kind") == "request":
-                    self.requests.append(message.request.request_id)
+                if message.WhichOneof("kind") == "batch":
+                    self.batches += 1
+                    items = list(message.batch.messages)
                 else:
-                    self.cancels.append(message.cancel.request_id)
+                    items = [message]
+                for item in items:
+                    if item.WhichOneof("kind") == "request":
+                        self.requests.append(item.request.request_id)
+                    else:
+                        self.cancels.append(item.cancel.request_id)
                 self.received.set()
 
         reader = asyncio.create_task(read())
@@ -161,4 +168,21 @@ async def test_overflow_cancels_and_stream_failure_fails_pending(
     await until(lambda: client.stats.healthy, "the probe bringing it back")
     for sink in (slow, other):
         client.release(sink)
+    await client.close()
+
+
+async def test_a_burst_goes_out_in_few_writes_in_order(replica: tuple[ScriptedReplica, str]) -> None:
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    sinks = [client.submit(request(f"b{i}"), 16) for i in range(50)]
+    client.release(sinks[10])  # a cancel queued behind its request
+    await until(lambda: len(servicer.requests) == 50 and servicer.cancels, "the burst")
+    assert servicer.requests == [f"b{i}" for i in range(50)]
+    assert servicer.cancels == ["b10"]
+    assert servicer.batches >= 1, "requests queued behind a write were not batched"
+    for sink in sinks:
+        if sink is not sinks[10]:
+            client.release(sink)
     await client.close()
