@@ -171,7 +171,9 @@ async def test_overflow_cancels_and_stream_failure_fails_pending(
     await client.close()
 
 
-async def test_a_burst_goes_out_in_few_writes_in_order(replica: tuple[ScriptedReplica, str]) -> None:
+async def test_a_burst_goes_out_in_few_writes_in_order(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
     servicer, address = replica
     client = ReplicaClient(MODEL, "r1", address)
     client.start()
