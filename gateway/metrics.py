@@ -207,18 +207,35 @@ def flush() -> None:
 
 def render() -> tuple[bytes, str]:
     """The exposition text of the whole gateway (all workers in multiprocess mode)."""
-    if os.environ.get(MULTIPROC_ENV):
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
         from prometheus_client import multiprocess
 
+        reap_dead_workers(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-def worker_exited(pid: int) -> None:
-    """Drop a dead worker's live gauges (multiprocess mode)."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
+def reap_dead_workers(directory: str) -> None:
+    """Drop the live gauges (in-flight, queued) of workers that have died.
 
-        multiprocess.mark_process_dead(pid)
+    A worker killed and replaced by uvicorn leaves its gauge files behind, and
+    its last values would stay in the sums for good. Counters and histograms
+    of dead workers are kept: what they counted did happen.
+    """
+    from prometheus_client import multiprocess
+
+    for name in os.listdir(directory):
+        if not name.startswith("gauge_live"):
+            continue
+        try:
+            pid = int(name.rsplit("_", 1)[1].split(".", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)
+        except PermissionError:
+            pass  # alive, another user's

@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-prompts",
+        action="store_true",
+        help="log each rendered prompt (debugging only: prompts are never logged otherwise)",
+    )
 
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
@@ -82,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
 async def serve(deployment: Deployment, args: argparse.Namespace) -> int:
     replica_id = args.replica_id or f"{deployment.name}-{uuid.uuid4().hex[:8]}"
     engine = create_engine(deployment)
-    service = ReplicaService(engine, replica_id, deployment.limits.replica_max_in_flight)
+    service = ReplicaService(
+        engine, replica_id, deployment.limits.replica_max_in_flight, args.log_prompts
+    )
     server = grpc.aio.server(options=GRPC_OPTIONS)
     replica_pb2_grpc.add_ReplicaServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")

@@ -39,8 +39,12 @@ INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
     """Admission, multiplexing and draining around one engine."""
 
-    def __init__(self, engine: Engine, replica_id: str, max_in_flight: int) -> None:
+    def __init__(
+        self, engine: Engine, replica_id: str, max_in_flight: int, log_prompts: bool = False
+    ) -> None:
         self.engine = engine
+        self.log_prompts = log_prompts
+        """Write each rendered prompt to the log (a debugging aid; off by default)."""
         self.replica_id = replica_id
         self.max_in_flight = max_in_flight
         self.ready = False
@@ -195,6 +199,8 @@ class _Stream:
     async def run(self, rid: str, prepared: Prepared) -> None:
         service = self.service
         request_id_var.set(rid)
+        if service.log_prompts:
+            log.info("prompt (%d tokens): %r", len(prepared.prompt_token_ids), prepared.prompt_text)
         started = time.monotonic()
         outcome = "error"
         try:

@@ -90,3 +90,23 @@ async def test_drain_deadline_cancels_with_explicit_error() -> None:
     finally:
         await client.close()
         proc.stop()
+
+
+async def test_prompts_are_logged_only_when_asked() -> None:
+    secret = "zebra-quartz-7741"
+    for flag, expected in (([], False), (["--log-prompts"], True)):
+        proc = start_replica(engine="fake", token_interval_ms=1, extra_args=flag)
+        client = StreamClient(proc.address)
+        try:
+            request = replica_pb2.GenerateRequest(
+                request_id=f"rid-{len(flag)}", prompt=f"tell me {secret}", max_tokens=2
+            )
+            assert (await client.run(request)).finish_reason == "length"
+        finally:
+            await client.close()
+            proc.stop()
+        log = proc.log()
+        assert (secret in log) is expected, log
+        if expected:
+            line = next(x for x in log.splitlines() if secret in x)
+            assert "[rid-1]" in line
