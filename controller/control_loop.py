@@ -47,7 +47,9 @@ class ControlLoop:
             self.state.update()
         except Exception:
             log.exception("reconcile step failed; the next one retries")
-        self.publisher.publish(self.state.routing_models())
+        if not self.state.settling:
+            # Before that, gateways keep the table they hold.
+            self.publisher.publish(self.state.routing_models())
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         self._export_metrics()
         await self.save()

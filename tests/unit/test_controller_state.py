@@ -325,3 +325,16 @@ async def test_publisher_jumps_past_a_watcher_that_is_ahead() -> None:
     assert pub.version == 58
     pub.close()
     await watcher.aclose()
+
+
+def test_a_restarted_controller_listens_before_it_acts() -> None:
+    """While settling, a registered node gets no new replica and nothing is stopped."""
+    clock = Clock()
+    state = DeploymentState(ControllerSettings(), clock=clock, settle_s=3.0)
+    state.apply([fake(replicas=1)])
+    state.register_node(node("n1"), [])
+    state.update()
+    assert state.settling and not state.replicas
+    clock.now += 3.0
+    state.update()
+    assert not state.settling and len(state.replicas) == 1
