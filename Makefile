@@ -34,7 +34,7 @@ protos: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy mss gateway controller replica scheduler loadtest
+	$(BIN)/mypy mss gateway controller replica scheduler loadtest tests deploy/grafana
 
 loadtest: install
 	$(BIN)/python -m loadtest.run_locust

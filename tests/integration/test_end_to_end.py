@@ -14,6 +14,7 @@ import orjson
 import pytest
 import yaml
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.procs import ROOT, Proc, engine_env, free_port, spawn
 
@@ -80,18 +81,15 @@ def test_sse_chat_through_the_gateway(gateway: str) -> None:
 
 def test_openai_client_streaming_and_not(gateway: str) -> None:
     client = OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
-    messages = [{"role": "user", "content": QUESTION}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(
-        model="smollm2",
-        messages=messages,
-        temperature=0,
-        max_tokens=24,  # type: ignore[arg-type]
+        model="smollm2", messages=messages, temperature=0, max_tokens=24
     )
     assert "Paris" in (reply.choices[0].message.content or "")
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     pieces = []
     usage = None
-    for chunk in client.chat.completions.create(  # type: ignore[call-overload]
+    for chunk in client.chat.completions.create(
         model="smollm2",
         messages=messages,
         temperature=0,
