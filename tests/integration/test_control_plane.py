@@ -461,10 +461,16 @@ async def gateway_table_version(c: Cluster) -> float:
 
 async def test_controller_that_lost_its_state_adopts_running_replicas(cluster: Cluster) -> None:
     await start_two_nodes(cluster)
-    await mss_scale(cluster, 3)  # churn, so the gateway holds a version well past 1
-    await cluster.wait_for("3 running replicas", lambda s: len(running(s)) == 3)
-    await mss_scale(cluster, 2)
-    status = await cluster.wait_for("2 replicas", lambda s: len(s.replicas) == 2)
+    # Churn, so the gateway holds a version well past what a fresh controller reaches
+    # below (replicas that turn ready in the same step share a version: loop until).
+    for _ in range(4):
+        await mss_scale(cluster, 3)
+        await cluster.wait_for("3 running replicas", lambda s: len(running(s)) == 3)
+        await mss_scale(cluster, 2)
+        status = await cluster.wait_for("2 replicas", lambda s: len(s.replicas) == 2)
+        await asyncio.sleep(0.5)
+        if await gateway_table_version(cluster) >= 5:
+            break
     before = {r.status.replica_id: r.status.pid for r in running(status)}
     load = Load(cluster.url)
     load.start()
