@@ -155,8 +155,8 @@ async def bench_inprocess(args: argparse.Namespace) -> list[Point]:
 
     engine = VllmEngine(deployment(args))
     await engine.start()
-    llm = engine._llm
-    ids = engine._tokenizer.encode(PROMPT)
+    llm = engine.llm
+    ids = engine.tokenizer.encode(PROMPT)
 
     async def run_one(i: int, tokens: int = args.tokens) -> int:
         params = SamplingParams(

@@ -172,6 +172,15 @@ class VllmEngine:
         return AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._stat_logger_factory()])
 
     @property
+    def llm(self) -> Any:
+        """The underlying AsyncLLM once started (benchmarks call it directly)."""
+        return self._llm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
     def load(self) -> EngineLoad:
         """The scheduler's last numbers; zero when the engine holds no request.
 
