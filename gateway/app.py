@@ -2,13 +2,13 @@
 
 `create_app` returns a `GatewayApp`, the callable uvicorn runs. It gives every
 request an id (the client's X-Request-Id when sane, echoed on the response)
-and dispatches POSTs to the three generation routes straight to their
-handlers, ahead of FastAPI's middleware stack: a streamed token then crosses
-no wrapper between the generation loop and the server's `send` (each wrapper
-costs on every chunk of every stream). Everything else, and the OpenAPI
-document that describes all routes, is FastAPI's. The FastAPI routes for
-generation run the same handler, so the app also works mounted without the
-dispatcher.
+and dispatches POSTs to the three generation routes straight to
+`Gateway.serve`, ahead of FastAPI's middleware stack: a streamed token then
+crosses no wrapper between the generation loop and the server's `send` (each
+wrapper costs on every chunk of every stream). Everything else, and the
+OpenAPI document that describes all routes, is FastAPI's. The FastAPI routes
+for generation hand over to the same `Gateway.serve`, so the app also works
+mounted without the dispatcher.
 
 Every refusal is OpenAI-shaped JSON with a precise message; no input produces
 a 5xx or a traceback in the response.
@@ -30,40 +30,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import http_protocol, metrics
+from gateway import metrics
 from gateway.api_models import openapi_schemas
-from gateway.endpoints import (
-    CHAT_ROUTE,
-    COMPLETIONS_ROUTE,
-    SEED_ROUTE,
-    Gateway,
-    GatewayOptions,
-    send_error,
-)
-from gateway.errors import ApiError
-from mss.logs import request_id_var, setup_logging
+from gateway.errors import ApiError, ErrorBody
+from gateway.gateway import Gateway, GatewayOptions
+from gateway.request_reader import CHAT_ROUTE, COMPLETIONS_ROUTE, SEED_ROUTE
+from mss.logs import request_id_var
 
 log = logging.getLogger("gateway")
 
 _REQUEST_ID_RE = re.compile(r"^[!-~]{1,128}$")
 _SEED_PREFIX = "/v1/chat/"
-OPTIONS_ENV = "MSS_GATEWAY_OPTIONS"
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """Every error response (OpenAI's shape)."""
-
-    error: ErrorDetail
 
 
 def _request_id(scope: dict[str, Any]) -> str:
@@ -103,7 +82,7 @@ class GatewayApp:
         request_id_var.set(rid)
         route = self._generation_route(scope["path"]) if scope["method"] == "POST" else None
         if route is not None:
-            await self._generate(scope, receive, send, rid, *route)
+            await self.gateway.serve(scope, receive, send, *route)
             return
         header = (b"x-request-id", rid.encode())
 
@@ -114,26 +93,18 @@ class GatewayApp:
 
         await self.api(scope, receive, send_with_id)
 
-    async def _generate(
-        self,
-        scope: dict[str, Any],
-        receive: Any,
-        send: Any,
-        rid: str,
-        route: str,
-        model: str | None,
-    ) -> None:
-        try:
-            response = await self.gateway.start_generation(Request(scope, receive), route, model)
-        except ApiError as exc:
-            await send_error(send, exc, (b"x-request-id", rid.encode()))
-            return
-        except Exception:
-            log.exception("unexpected error reading a request to %s", scope["path"])
-            err = ApiError(500, "internal error; see the gateway log", code="internal")
-            await send_error(send, err, (b"x-request-id", rid.encode()))
-            return
-        await response(scope, receive, send)
+
+class _Generation(Response):
+    """What FastAPI's generation routes return: the ASGI call goes to `Gateway.serve`."""
+
+    def __init__(self, gateway: Gateway, route: str, model: str | None = None) -> None:
+        self.gateway = gateway
+        self.route = route
+        self.model = model
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.gateway.serve(scope, receive, send, self.route, self.model)
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -191,8 +162,8 @@ def create_api(gateway: Gateway) -> FastAPI:
         openapi_extra=body_doc("ChatCompletionRequest"),
         response_class=Response,
     )
-    async def chat_completions(request: Request) -> Any:
-        return await gateway.start_generation(request, CHAT_ROUTE)
+    async def chat_completions() -> Any:
+        return _Generation(gateway, CHAT_ROUTE)
 
     @app.post(
         COMPLETIONS_ROUTE,
@@ -201,8 +172,8 @@ def create_api(gateway: Gateway) -> FastAPI:
         openapi_extra=body_doc("CompletionRequest"),
         response_class=Response,
     )
-    async def completions(request: Request) -> Any:
-        return await gateway.start_generation(request, COMPLETIONS_ROUTE)
+    async def completions() -> Any:
+        return _Generation(gateway, COMPLETIONS_ROUTE)
 
     @app.post(
         SEED_ROUTE,
@@ -211,8 +182,8 @@ def create_api(gateway: Gateway) -> FastAPI:
         openapi_extra=body_doc("SeedChatRequest", text=True),
         response_class=Response,
     )
-    async def chat(model: str, request: Request) -> Any:
-        return await gateway.start_generation(request, SEED_ROUTE, model)
+    async def chat(model: str) -> Any:
+        return _Generation(gateway, SEED_ROUTE, model)
 
     @app.get("/v1/models", summary="Models this gateway routes")
     async def list_models(request: Request) -> JSONResponse:
@@ -291,12 +262,4 @@ def create_api(gateway: Gateway) -> FastAPI:
 def create_app(options: GatewayOptions) -> GatewayApp:
     """The gateway's ASGI app for one process."""
     gateway = Gateway(options)
-    http_protocol.send_buffer_bytes = gateway.settings.client_send_buffer_bytes
     return GatewayApp(gateway, create_api(gateway))
-
-
-def app_from_environment() -> GatewayApp:
-    """Factory for uvicorn worker processes: options travel in MSS_GATEWAY_OPTIONS."""
-    options = GatewayOptions.from_json(os.environ[OPTIONS_ENV])
-    setup_logging("gateway", options.log_format, options.log_level)
-    return create_app(options)

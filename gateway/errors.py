@@ -2,12 +2,17 @@
 
 Every refusal carries a status, a message that names the field and the reason,
 an OpenAI `type`, and optionally the parameter at fault and extra headers
-(`Retry-After`). The same body is used on every route so clients parse one shape.
+(`Retry-After`). `error_object` builds that shape for every use: JSON error
+responses here and in the FastAPI handlers, and the `event: error` of a stream
+that fails after it started (`gateway.sse`), so clients parse one shape.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
+from pydantic import BaseModel
 
 _TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -22,6 +27,26 @@ _TYPES: dict[int, str] = {
     503: "overloaded_error",
     504: "timeout_error",
 }
+
+
+def error_object(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response (OpenAI's shape), for the OpenAPI document; `error_object` builds it."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -47,15 +72,8 @@ class ApiError(Exception):
     def type(self) -> str:
         return _TYPES.get(self.status, "invalid_request_error")
 
-    def payload(self) -> dict[str, object]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    def payload(self) -> dict[str, Any]:
+        return error_object(self.message, self.type, self.param, self.code)
 
     def body(self) -> bytes:
         return orjson.dumps(self.payload())
@@ -67,6 +85,9 @@ class ApiError(Exception):
         return headers
 
 
-def error_body(status: int, message: str, code: str | None = None) -> bytes:
-    """The JSON body of an error without raising one (exception handlers, 404/405)."""
-    return ApiError(status, message, code=code).body()
+async def send_error(send: Any, exc: ApiError, *extra: tuple[bytes, bytes]) -> None:
+    """Answer with `exc` as a whole JSON response, straight to the ASGI `send`."""
+    body = exc.body()
+    headers = [*exc.headers(), (b"content-length", b"%d" % len(body)), *extra]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

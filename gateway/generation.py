@@ -1,4 +1,8 @@
-"""One generation request end to end: admission, replica choice with retries, streaming.
+"""One generation request, from admission to its last byte: the data plane of the gateway.
+
+`Gateway.serve` has read the request and found its model; `GenerationService.run`
+takes it from there: the client's concurrency limit and the model's admission
+queue, replica choice with retries, and the stream (or the one JSON body).
 
 The response is written straight to the ASGI `send` (no response framework in
 the per-token path). The HTTP status is chosen when the first token (or the
@@ -30,6 +34,7 @@ from gateway.http_protocol import TRANSPORT_KEY
 from gateway.replica_client import ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter
 from gateway.sse import StreamFormat
+from mss.rpc import status_name, status_number
 from protos import replica_pb2
 
 log = logging.getLogger(__name__)
@@ -38,14 +43,19 @@ Scope = dict[str, Any]
 Receive = Any
 Send = Any
 
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
-_STATUS_FOR_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT.value[0]: 400,
-    grpc.StatusCode.OUT_OF_RANGE.value[0]: 400,
-    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: 503,
-    grpc.StatusCode.UNAVAILABLE.value[0]: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED.value[0]: 504,
+_RETRYABLE = {
+    status_number(grpc.StatusCode.UNAVAILABLE),
+    status_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
 }
+"""Failures before the first token that another replica may not have."""
+_STATUS_FOR_CODE = {
+    status_number(grpc.StatusCode.INVALID_ARGUMENT): 400,
+    status_number(grpc.StatusCode.OUT_OF_RANGE): 400,
+    status_number(grpc.StatusCode.RESOURCE_EXHAUSTED): 503,
+    status_number(grpc.StatusCode.UNAVAILABLE): 503,
+    status_number(grpc.StatusCode.DEADLINE_EXCEEDED): 504,
+}
+"""HTTP status of a replica's gRPC status; any other is 502."""
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -58,13 +68,23 @@ class ClientGone(Exception):
 
 
 def replica_error(code: int, message: str) -> ApiError:
+    """The HTTP answer to a replica's failure (gRPC status number `code`) before any output."""
     status = _STATUS_FOR_CODE.get(code, 502)
     retry_after = 1.0 if status == 503 else None
-    name = grpc.StatusCode.UNKNOWN.name
-    for sc in grpc.StatusCode:
-        if sc.value[0] == code:
-            name = sc.name
-    return ApiError(status, message, code=name.lower(), retry_after=retry_after)
+    return ApiError(status, message, code=status_name(code), retry_after=retry_after)
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A request read and checked by `Gateway.serve`, ready for its model's replicas."""
+
+    inp: GenerationInput
+    max_tokens: int
+    """Bounded by the model's limit already."""
+    fmt: StreamFormat
+    """The route's wire format; its `request_id` is echoed as X-Request-Id."""
+    client_key: str
+    """Whose concurrency limit the request counts against: `key:<API key>` or the address."""
 
 
 @dataclass(eq=False, slots=True)
@@ -136,17 +156,18 @@ class GenerationService:
         scope: Scope,
         receive: Receive,
         send: Send,
-        *,
         router: ModelRouter,
-        inp: GenerationInput,
-        max_tokens: int,
-        fmt: StreamFormat,
-        headers: list[tuple[bytes, bytes]],
-        client_key: str,
+        request: GenerationRequest,
     ) -> int:
-        """Serve one generation; returns the HTTP status sent. Raises ApiError before any byte."""
+        """Serve one generation; returns the HTTP status sent (499: the client left).
+
+        Raises ApiError only before any byte was sent (429, 503, a replica's
+        failure before the first token); the caller answers it.
+        """
         loop = asyncio.get_running_loop()
         arrived = loop.time()
+        inp, fmt, client_key = request.inp, request.fmt, request.client_key
+        headers = [(b"x-request-id", fmt.request_id.encode())]
         flow = Flow(router.name, (scope.get("extensions") or {}).get(TRANSPORT_KEY))
         flow.task = asyncio.current_task()
         self.limiter.acquire(client_key)
@@ -156,7 +177,7 @@ class GenerationService:
             await self._admit(router.admission, flow)
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
-                req = build_request(inp, fmt.request_id, max_tokens)
+                req = build_request(inp, fmt.request_id, request.max_tokens)
                 client, sink = await self._first(router, req, inp.session_key, flow)
                 try:
                     if inp.stream:
@@ -405,15 +426,18 @@ class GenerationService:
         return 200
 
     async def watchdog(self) -> None:
-        """Drop clients whose pending write has not finished within the timeout."""
+        """Drop slow clients every quarter timeout (at least once a second) until cancelled."""
         loop = asyncio.get_running_loop()
-        timeout = self.slow_client_timeout_s
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            now = loop.time()
-            for flow in list(self.flows):
-                if flow.send_started and not flow.dropped and now - flow.send_started > timeout:
-                    self._drop(flow)
+            await asyncio.sleep(min(1.0, self.slow_client_timeout_s / 4))
+            self.drop_slow_clients(loop.time())
+
+    def drop_slow_clients(self, now: float) -> None:
+        """Drop clients whose pending write began more than the timeout before `now` (loop time)."""
+        timeout = self.slow_client_timeout_s
+        for flow in list(self.flows):
+            if flow.send_started and not flow.dropped and now - flow.send_started > timeout:
+                self._drop(flow)
 
     def _drop(self, flow: Flow) -> None:
         log.warning(

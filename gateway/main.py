@@ -4,11 +4,17 @@ Routes come from the controller (`--controller HOST:PORT`) or, without one,
 from static `--replica MODEL=HOST:PORT` flags that take each model's routing
 and limits from `--config` (or the defaults). `--workers N` runs N processes
 on one port; their metrics are merged through prometheus multiprocess mode.
+
+This module is the entry point of every gateway process: `run` for the
+command (and the one process of `--workers 1`), `app_from_environment` for
+each worker process of `--workers N`. Process-wide settings (the garbage
+collector's) are made here and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shutil
@@ -17,16 +23,46 @@ from typing import Any
 
 import uvicorn
 
-from gateway.app import OPTIONS_ENV, create_app
-from gateway.endpoints import GatewayOptions
+from gateway.app import GatewayApp, create_app
+from gateway.gateway import GatewayOptions
+from gateway.http_protocol import protocol_factory
 from gateway.metrics import MULTIPROC_ENV
 from gateway.routing import STRATEGIES
-from mss.config import ConfigError, load_config
+from mss.config import ConfigError, load_config, with_overrides
 from mss.logs import setup_logging
 
 log = logging.getLogger("gateway")
 
-HTTP_PROTOCOL = "gateway.http_protocol:GatewayHttpProtocol"
+OPTIONS_ENV = "MSS_GATEWAY_OPTIONS"
+"""How a worker process of `--workers N` gets its `GatewayOptions` (JSON)."""
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between young-generation collections (Python's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Keep what exists now out of every collection, and collect the young generation less often.
+
+    Call once per process, when the app is built and before it serves. A
+    collection pass stalls every stream for milliseconds, and the objects made
+    per token die young by reference counting, so frequent young collections
+    buy nothing; the modules, app and settings live as long as the process, so
+    scanning them is pure cost.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
+def app_from_environment() -> GatewayApp:
+    """The app of one worker process of `--workers N` (a uvicorn factory): the worker's entry point.
+
+    Options travel in MSS_GATEWAY_OPTIONS, since uvicorn starts workers by import string.
+    """
+    options = GatewayOptions.from_json(os.environ[OPTIONS_ENV])
+    setup_logging("gateway", options.log_format, options.log_level)
+    app = create_app(options)
+    tune_gc()
+    return app
 
 
 def _replica(text: str) -> tuple[str, str]:
@@ -69,20 +105,19 @@ def run(args: argparse.Namespace) -> int:
     setup_logging("gateway", args.log_format, args.log_level)
     try:
         config = load_config(args.config)
+        gateway = with_overrides(
+            config.gateway,
+            "command line",
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            retries=args.retries,
+            slow_client_timeout_s=args.slow_client_timeout,
+        )
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    settings = config.gateway
-    for attr, flag in (
-        ("host", args.host),
-        ("port", args.port),
-        ("workers", args.workers),
-        ("retries", args.retries),
-        ("slow_client_timeout_s", args.slow_client_timeout),
-    ):
-        if flag is not None:
-            setattr(settings, attr, flag)
-    config = type(config).model_validate(config.model_dump())  # re-check the overridden values
+    config = config.model_copy(update={"gateway": gateway})
     if args.controller and args.replica:
         log.warning("--controller given: the --replica flags are ignored")
     options = GatewayOptions(
@@ -107,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "http": HTTP_PROTOCOL,
+        "http": protocol_factory(settings.client_send_buffer_bytes),
         "loop": "uvloop",
         "ws": "none",
         "lifespan": "on",
@@ -118,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if settings.workers == 1:
         server = uvicorn.Server(uvicorn.Config(create_app(options), **common))
+        tune_gc()
         server.run()
         return 0
     metrics_dir = tempfile.mkdtemp(prefix="mss-gateway-metrics-")
@@ -125,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ[OPTIONS_ENV] = options.to_json()
     try:
         uvicorn.run(
-            "gateway.app:app_from_environment", factory=True, workers=settings.workers, **common
+            "gateway.main:app_from_environment", factory=True, workers=settings.workers, **common
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -23,29 +23,26 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 
 from gateway.routing import ReplicaStats
+from mss.rpc import STREAM_CHANNEL_OPTIONS, status_number
 from protos import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
-RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
+UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
+"""The status a replica that cannot take requests answers with, and a broken stream's."""
 PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_DELAY_S = 2.0
+
+
+class RequestStream(Protocol):
+    """What a sink needs of the stream its request went out on: a way to cancel it."""
+
+    def cancel(self, request_id: str) -> None: ...
 
 
 class RequestSink:
@@ -68,7 +65,7 @@ class RequestSink:
         "stream",
     )
 
-    def __init__(self, request_id: str, stream: GenerateStream, limit: int) -> None:
+    def __init__(self, request_id: str, stream: RequestStream, limit: int) -> None:
         self.request_id = request_id
         self.stream = stream
         self.limit = limit
@@ -128,9 +125,8 @@ def error_delta(request_id: str, code: int, message: str) -> replica_pb2.Request
 class GenerateStream:
     """One open Generate call: a writer draining the outbox and a reader dispatching deltas."""
 
-    def __init__(self, client: ReplicaClient, number: int) -> None:
+    def __init__(self, client: ReplicaClient) -> None:
         self.client = client
-        self.number = number
         self.pending: dict[str, RequestSink] = {}
         self.closed = False
         self._outbox: deque[replica_pb2.GenerateClientMessage] = deque()
@@ -281,12 +277,11 @@ class ReplicaClient:
         self.suffixes = itertools.count(1)
         self._n_streams = max(1, streams)
         self._streams: list[GenerateStream] = []
-        self._stream_numbers = itertools.count(1)
         self._next_stream = 0
         self._probe: asyncio.Task[None] | None = None
         self._on_change = on_change
         self._idle = asyncio.Event()
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=STREAM_CHANNEL_OPTIONS)
         self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
 
     # Requests
@@ -307,7 +302,7 @@ class ReplicaClient:
                 break
         if stream is None:
             if len(streams) < self._n_streams:
-                stream = GenerateStream(self, next(self._stream_numbers))
+                stream = GenerateStream(self)
                 streams.append(stream)
             else:
                 stream = min(streams, key=GenerateStream.backlog)

@@ -17,20 +17,10 @@ from collections.abc import Callable
 
 import grpc
 
+from mss.rpc import WATCH_CHANNEL_OPTIONS
 from protos import controller_pb2, controller_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    # Reconnect within a second of a controller restart instead of grpc's default minutes.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 class RouteWatcher:
@@ -55,7 +45,7 @@ class RouteWatcher:
         """Watch until cancelled."""
         backoff = 0.1
         async with grpc.aio.insecure_channel(
-            self.controller_address, options=CHANNEL_OPTIONS
+            self.controller_address, options=WATCH_CHANNEL_OPTIONS
         ) as channel:
             stub = controller_pb2_grpc.ControllerStub(channel)
             while True:

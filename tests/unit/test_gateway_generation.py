@@ -1,0 +1,488 @@
+"""`GenerationService` and `Gateway.serve` against in-memory replicas and an in-memory client.
+
+The replicas are `FakeReplica`s: `ReplicaClient`s whose `submit` hands out real
+`RequestSink`s that the test fills, and whose cancels are recorded instead of
+written to a stream; `release` is the real one. The client is `FakeHttp`, an
+ASGI `receive` that blocks until the test disconnects it and a `send` that
+records messages and can stop accepting body writes. Nothing sleeps: tests
+wait on conditions by yielding to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway.admission import ClientLimiter
+from gateway.api_models import GenerationInput
+from gateway.errors import ApiError
+from gateway.gateway import Gateway, GatewayOptions, rejection_reason
+from gateway.generation import GenerationRequest, GenerationService
+from gateway.replica_client import ReplicaClient, RequestSink
+from gateway.routing_table import ModelRouter, RoutingTable
+from gateway.sse import ChatFormat, SeedFormat, StreamFormat
+from mss.rpc import status_number
+from protos import controller_pb2, replica_pb2
+
+CLIENT = "10.0.0.1"
+
+
+class FakeReplica(ReplicaClient):
+    """A replica in memory: `submit` records the request and returns a sink the test fills.
+
+    The sink's stream is the replica itself, so a cancel (from `release` of an
+    unfinished request, or a sink overflowing) lands in `cancelled`, where the
+    real stream would write a CancelRequest.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests: list[replica_pb2.GenerateRequest] = []
+        self.sinks: list[RequestSink] = []
+        self.cancelled: list[str] = []
+
+    def start(self) -> None:
+        self.stats.healthy = True
+
+    def submit(self, request: replica_pb2.GenerateRequest, buffer_limit: int) -> RequestSink:
+        self.stats.in_flight += 1
+        self.requests.append(replica_pb2.GenerateRequest(request_id=request.request_id))
+        sink = RequestSink(request.request_id, self, buffer_limit)
+        self.sinks.append(sink)
+        return sink
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    async def close_when_idle(self, deadline_s: float) -> None:
+        await self.close()
+
+    def say(self, *texts: str, finish: str = "", usage: tuple[int, int] = (0, 0)) -> None:
+        """Deltas for the latest request: one per text, the last with `finish` when given."""
+        sink = self.sinks[-1]
+        for i, text in enumerate(texts):
+            last = i == len(texts) - 1
+            sink.push(
+                replica_pb2.RequestDelta(
+                    request_id=sink.request_id,
+                    text=text,
+                    finish_reason=finish if last else "",
+                    prompt_tokens=usage[0] if last else 0,
+                    completion_tokens=usage[1] if last else 0,
+                )
+            )
+
+    def fail(self, code: grpc.StatusCode, message: str = "replica failed") -> None:
+        """The latest request ends with an error delta, as a replica or a broken stream sends."""
+        sink = self.sinks[-1]
+        error = replica_pb2.RequestError(code=status_number(code), message=message)
+        sink.push(
+            replica_pb2.RequestDelta(request_id=sink.request_id, finish_reason="error", error=error)
+        )
+
+
+class FakeHttp:
+    """The client side of one ASGI request."""
+
+    def __init__(self, body: bytes = b"") -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.body = body
+        self.gone = asyncio.Event()
+        self.stalled = False
+        """True: body writes block, as when the client stops reading and buffers fill."""
+        self.blocked = asyncio.Event()
+        """Set while a body write is blocked."""
+        self._resume = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if self.body:
+            body, self.body = self.body, b""
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and self.stalled:
+            self.blocked.set()
+            await self._resume.wait()
+            self.blocked.clear()
+        self.messages.append(message)
+
+    def leave(self) -> None:
+        self.gone.set()
+
+    def read_again(self) -> None:
+        self.stalled = False
+        self._resume.set()
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"])
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.messages[0]["headers"])
+
+    @property
+    def body_bytes(self) -> bytes:
+        return b"".join(m["body"] for m in self.messages[1:])
+
+    def events(self) -> list[Any]:
+        """The SSE `data:` payloads received so far, decoded ([DONE] as the string)."""
+        out: list[Any] = []
+        for block in self.body_bytes.split(b"\n\n"):
+            for line in block.split(b"\n"):
+                if line.startswith(b"data: "):
+                    data = line[len(b"data: ") :]
+                    out.append(data.decode() if data == b"[DONE]" else orjson.loads(data))
+        return out
+
+    def ended(self) -> bool:
+        return bool(self.messages) and self.messages[-1].get("more_body") is False
+
+
+async def until(check: Callable[[], object], what: str) -> None:
+    """Yield to the loop until `check()` holds; the fakes do no I/O, so this is quick."""
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+def routing_table(version: int, model: str, replicas: int, **limits: int) -> Any:
+    table = controller_pb2.RoutingTable(version=version)
+    routes = table.models.add(model=model, strategy="round_robin", **limits)
+    for i in range(replicas):
+        routes.routes.add(replica_id=f"r{i}", address=f"fake:{i}")
+    return table
+
+
+@pytest.fixture
+async def table() -> AsyncIterator[RoutingTable]:
+    table = RoutingTable(client_factory=FakeReplica)
+    try:
+        yield table
+    finally:
+        await table.close()
+
+
+def model_router(
+    table: RoutingTable, name: str, replicas: int = 2, **limits: int
+) -> tuple[ModelRouter, list[FakeReplica]]:
+    table.apply(routing_table(table.version + 1, name, replicas, **limits))
+    router = table.get(name)
+    assert router is not None
+    fakes = [c for c in router.clients.values() if isinstance(c, FakeReplica)]
+    return router, fakes
+
+
+def service(buffer_chunks: int = 64, per_client: int = 1) -> GenerationService:
+    return GenerationService(
+        retries=2,
+        buffer_chunks=buffer_chunks,
+        slow_client_timeout_s=5.0,
+        limiter=ClientLimiter(per_client),
+    )
+
+
+def generation(
+    model: str, rid: str = "rid", stream: bool = True, fmt: type[StreamFormat] = SeedFormat
+) -> GenerationRequest:
+    inp = GenerationInput(prompt="hello", stream=stream, include_usage=True)
+    return GenerationRequest(inp=inp, max_tokens=16, fmt=fmt(rid, model, True), client_key=CLIENT)
+
+
+def start(
+    svc: GenerationService, router: ModelRouter, http: FakeHttp, request: GenerationRequest
+) -> asyncio.Task[int]:
+    return asyncio.create_task(svc.run({}, http.receive, http.send, router, request))
+
+
+def assert_released(svc: GenerationService, router: ModelRouter, fakes: list[FakeReplica]) -> None:
+    """Every slot and counter the request took is back."""
+    assert router.admission.in_flight == 0 and router.admission.queued == 0
+    assert all(f.stats.in_flight == 0 for f in fakes)
+    assert not svc.flows
+    svc.limiter.acquire(CLIENT)  # the per-client slot (limit 1) is free again
+    svc.limiter.release(CLIENT)
+
+
+async def test_a_stream_sends_tokens_in_order_then_usage(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "normal")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("normal"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    assert fakes[0].requests[0].request_id == "rid"
+    fakes[0].say("Hel", "lo")
+    await until(lambda: len(http.events()) == 2, "the first tokens")
+    fakes[0].say(", world", finish="stop", usage=(3, 3))
+
+    assert await task == 200
+    assert http.status == 200
+    assert http.headers[b"content-type"].startswith(b"text/event-stream")
+    assert http.headers[b"x-request-id"] == b"rid"
+    *tokens, last = http.events()
+    assert [t["token"] for t in tokens] == ["Hel", "lo", ", world"]
+    assert not any(t["finished"] for t in tokens)
+    assert last["finished"] and last["finish_reason"] == "stop"
+    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert http.ended()
+    assert fakes[0].cancelled == [] and fakes[1].requests == []  # finished: nothing to cancel
+    assert_released(svc, router, fakes)
+
+
+async def test_a_whole_response_is_one_json_body(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "whole")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("whole", stream=False, fmt=ChatFormat))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    fakes[0].say("a", "b", finish="length", usage=(1, 2))
+
+    assert await task == 200
+    assert http.status == 200 and http.headers[b"content-type"] == b"application/json"
+    body = orjson.loads(http.body_bytes)
+    assert body["choices"][0]["message"]["content"] == "ab"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == 3
+    assert_released(svc, router, fakes)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
+    table: RoutingTable, code: grpc.StatusCode
+) -> None:
+    router, fakes = model_router(table, f"retry-{code.name}")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation(router.name))
+    await until(lambda: fakes[0].sinks, "the first attempt")
+    fakes[0].fail(code)
+    await until(lambda: fakes[1].sinks, "the retry")
+    assert fakes[1].requests[0].request_id == "rid.1"  # a new id: never mixed with the first
+    fakes[1].say("ok", finish="stop", usage=(1, 1))
+
+    assert await task == 200
+    assert [e["token"] for e in http.events()] == ["ok", ""]
+    assert fakes[0].cancelled == []  # the failed attempt had ended already
+    assert_released(svc, router, fakes)
+
+
+async def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(
+    table: RoutingTable,
+) -> None:
+    router, fakes = model_router(table, "late-failure")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("late-failure"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    fakes[0].say("partial")
+    await until(lambda: http.events(), "the first token")
+    fakes[0].fail(grpc.StatusCode.UNAVAILABLE, "engine died")
+
+    assert await task == 200  # the status went out with the first token
+    first, error = http.events()
+    assert first["token"] == "partial"
+    assert error["finished"] and error["finish_reason"] == "error"
+    assert error["error"]["code"] == "upstream_failed"
+    assert "engine died" in error["error"]["message"]
+    assert b"event: error" in http.body_bytes and http.ended()
+    assert fakes[1].requests == []  # output had begun: never retried, never duplicated
+    assert_released(svc, router, fakes)
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.OUT_OF_RANGE, 400),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        (grpc.StatusCode.INTERNAL, 502),
+    ],
+)
+async def test_a_failure_that_is_not_retryable_is_answered_with_its_status(
+    table: RoutingTable, code: grpc.StatusCode, status: int
+) -> None:
+    router, fakes = model_router(table, f"fatal-{code.name}")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation(router.name))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    fakes[0].fail(code, "no good")
+
+    with pytest.raises(ApiError) as info:
+        await task
+    assert (info.value.status, info.value.code) == (status, code.name.lower())
+    assert info.value.message == "no good" and info.value.retry_after is None
+    assert http.messages == []  # nothing sent: the caller answers the error
+    assert fakes[1].requests == []
+    assert_released(svc, router, fakes)
+
+
+async def test_retries_exhausted_and_no_replica_are_503(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "exhausted")
+    svc = service()
+    task = start(svc, router, FakeHttp(), generation("exhausted"))
+    await until(lambda: fakes[0].sinks, "the first attempt")
+    fakes[0].fail(grpc.StatusCode.UNAVAILABLE, "draining")
+    await until(lambda: fakes[1].sinks, "the second attempt")
+    fakes[1].fail(grpc.StatusCode.UNAVAILABLE, "draining")  # a third attempt finds none left
+    with pytest.raises(ApiError) as info:
+        await task
+    assert (info.value.status, info.value.code) == (503, "unavailable")
+    assert info.value.retry_after == 1.0
+
+    for fake in fakes:
+        fake.stats.healthy = False
+    with pytest.raises(ApiError) as info:
+        await start(svc, router, FakeHttp(), generation("exhausted"))
+    assert (info.value.status, info.value.code) == (503, "no_replica")
+    assert_released(svc, router, fakes)
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_its_replica_request(
+    table: RoutingTable,
+) -> None:
+    router, fakes = model_router(table, "leaver")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("leaver"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    fakes[0].say("a")
+    await until(lambda: http.events(), "the first token")
+    assert router.admission.in_flight == 1 and fakes[0].stats.in_flight == 1
+    http.leave()
+
+    assert await task == 499
+    assert fakes[0].cancelled == ["rid"]
+    assert_released(svc, router, fakes)
+
+
+async def test_a_client_that_leaves_before_the_first_token_cancels_too(
+    table: RoutingTable,
+) -> None:
+    router, fakes = model_router(table, "early-leaver")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("early-leaver"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    http.leave()
+
+    assert await task == 499
+    assert fakes[0].cancelled == ["rid"] and http.messages == []
+    assert_released(svc, router, fakes)
+
+
+async def test_a_client_that_leaves_the_queue_gives_its_place_back(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "queue", max_in_flight=1, max_queue=4)
+    svc = service(per_client=0)
+    first, waiting = FakeHttp(), FakeHttp()
+    running = start(svc, router, first, generation("queue", "a"))
+    await until(lambda: fakes[0].sinks, "the first request running")
+    queued = start(svc, router, waiting, generation("queue", "b"))
+    await until(lambda: router.admission.queued == 1, "the second request queued")
+    waiting.leave()
+
+    assert await queued == 499
+    assert router.admission.queued == 0 and router.admission.in_flight == 1
+    assert len(fakes[0].requests) + len(fakes[1].requests) == 1  # never reached a replica
+    fakes[0].say("done", finish="stop")
+    assert await running == 200
+    assert router.admission.in_flight == 0
+
+
+async def test_a_client_too_slow_for_the_stream_buffer_is_dropped(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "overflow")
+    svc, http = service(buffer_chunks=2), FakeHttp()
+    task = start(svc, router, http, generation("overflow"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    http.stalled = True
+    fakes[0].say("t0")
+    await until(http.blocked.is_set, "a write blocked on the client")
+    fakes[0].say("t1", "t2", "t3")  # three unread deltas: over the buffer of two
+    assert fakes[0].cancelled == ["rid"]  # the replica stops at once, not when the client reads
+    http.read_again()
+
+    assert await task == 200
+    *tokens, error = http.events()
+    assert [t["token"] for t in tokens] == ["t0", "t1", "t2", "t3"]
+    assert error["error"]["code"] == "slow_client" and http.ended()
+    assert fakes[0].cancelled == ["rid"]  # once
+    assert_released(svc, router, fakes)
+
+
+async def test_a_client_that_stops_reading_is_dropped_by_the_watchdog(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "stalled")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("stalled"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    http.stalled = True
+    fakes[0].say("t0")
+    await until(http.blocked.is_set, "a write blocked on the client")
+    now = asyncio.get_running_loop().time()
+    svc.drop_slow_clients(now)  # within the timeout: kept
+    assert not task.done() and svc.flows
+    svc.drop_slow_clients(now + svc.slow_client_timeout_s + 1)
+
+    assert await task == 499
+    assert fakes[0].cancelled == ["rid"]
+    assert_released(svc, router, fakes)
+
+
+def test_rejections_are_refusals_not_outages() -> None:
+    assert rejection_reason(ApiError(400, "bad")) == "invalid"
+    assert rejection_reason(ApiError(404, "no such model")) == "invalid"
+    assert rejection_reason(ApiError(401, "key")) == "auth"
+    assert rejection_reason(ApiError(429, "slow down")) == "rate"
+    assert rejection_reason(ApiError(503, "full", code="capacity")) == "capacity"
+    assert rejection_reason(ApiError(503, "none ready", code="no_replica")) is None
+    assert rejection_reason(ApiError(502, "replica failed")) is None
+    assert rejection_reason(ApiError(504, "replica timed out")) is None
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_serve_reads_routes_and_streams_and_counts_refusals_once() -> None:
+    gateway = Gateway(GatewayOptions())
+    gateway.table = RoutingTable(client_factory=FakeReplica)
+    router, fakes = model_router(gateway.table, "served")
+    router.admission.resize(1, 0)  # one slot, no queue (a table's 0 means "the default")
+    route = "/v1/chat/{model}"
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/served",
+        "headers": [(b"content-type", b"text/plain")],
+        "state": {"request_id": "rid-1"},
+    }
+    try:
+        ok = FakeHttp(b"hello")
+        serving = asyncio.create_task(gateway.serve(scope, ok.receive, ok.send, route, "served"))
+        await until(lambda: fakes[0].sinks, "the request reaching a replica")
+        assert fakes[0].sinks[0].request_id == "rid-1"
+
+        full = FakeHttp(b"hello")  # the model's one slot is taken and it has no queue
+        await gateway.serve(scope, full.receive, full.send, route, "served")
+        assert full.status == 503 and full.headers[b"retry-after"] == b"1"
+        assert orjson.loads(full.body_bytes)["error"]["code"] == "capacity"
+        assert sample("mss_gateway_rejections_total", model="served", reason="capacity") == 1
+
+        invalid_before = sample("mss_gateway_rejections_total", model="", reason="invalid")
+        unknown = FakeHttp(b"{bad json")  # unknown model in the path: 404 whatever the body
+        await gateway.serve(scope, unknown.receive, unknown.send, route, "nope")
+        assert unknown.status == 404
+        assert orjson.loads(unknown.body_bytes)["error"]["code"] == "model_not_found"
+        after = sample("mss_gateway_rejections_total", model="", reason="invalid")
+        assert after == invalid_before + 1
+
+        fakes[0].say("hi", finish="stop")
+        await serving
+        assert ok.status == 200 and ok.headers[b"x-request-id"] == b"rid-1"
+        for status, count in (("200", 1), ("503", 1)):
+            labels = {"model": "served", "route": route, "code": status}
+            assert sample("mss_gateway_requests_total", **labels) == count
+    finally:
+        await gateway.table.close()
