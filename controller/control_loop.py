@@ -4,6 +4,13 @@ This is the thin I/O wrapper around `DeploymentState`: the state decides, this
 loop saves it to SQLite (in a worker thread) and hands the table to the
 publisher. RPC handlers call `wake()` after a report or an admin call so a
 replica that became ready is routed within milliseconds, not at the next tick.
+
+Each tick's `DeploymentState.update()` steps the managers in turn: first
+`NodeManager.update()` (controller/nodes.py), which declares dead a node
+silent for `dead_after_s` = `heartbeat_interval_s * dead_after_heartbeats`
+(controller settings) and drops its replicas, then the reconcile of each
+deployment. A tick runs every `interval_s` at least, so a dead node is noticed
+within `dead_after_s + interval_s`.
 """
 
 from __future__ import annotations

@@ -22,19 +22,18 @@ from controller.route_publisher import RoutePublisher
 from controller.scrape_targets import scrape_targets, serve_metrics_and_targets
 from controller.server import ControllerService
 from controller.store import Store
-from mss.config import ClusterConfig, ConfigError, ControllerSettings, load_config
+from mss.config import (
+    ClusterConfig,
+    ConfigError,
+    ControllerSettings,
+    load_config,
+    with_overrides,
+)
 from mss.logs import setup_logging
+from mss.rpc import SERVER_OPTIONS
 from protos import controller_pb2_grpc
 
 log = logging.getLogger("controller")
-
-GRPC_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,18 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, config: ClusterConfig) -> ControllerSettings:
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "state_path": args.state,
-        "heartbeat_interval_s": args.heartbeat_interval,
-        "dead_after_heartbeats": args.dead_after,
-        "drain_timeout_s": args.drain_timeout,
-    }
-    data = config.controller.model_dump()
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return ControllerSettings.model_validate(data)
+    return with_overrides(
+        config.controller,
+        "command line",
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        state_path=args.state,
+        heartbeat_interval_s=args.heartbeat_interval,
+        dead_after_heartbeats=args.dead_after,
+        drain_timeout_s=args.drain_timeout,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +92,7 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
     loop = ControlLoop(state, publisher, store)
     await loop.tick()
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     controller_pb2_grpc.add_ControllerServicer_to_server(
         ControllerService(state, publisher, loop), server
     )

@@ -23,7 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from controller.deployment_state import STOPPED, STOPPING, DeploymentState
+from controller.deployment_state import DeploymentState
+from mss.replica_states import STOPPED, STOPPING
 
 log = logging.getLogger(__name__)
 

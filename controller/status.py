@@ -1,20 +1,22 @@
-"""The controller's Status answer: its view of nodes, deployments and replicas as protobuf."""
+"""Server side of the Status, Scale and ApplyConfig answers: the controller's view as protobuf.
+
+The `mss status` and `mss scale` commands that ask for them are in
+`controller/admin_cli.py`.
+"""
 
 from __future__ import annotations
 
-from controller.deployment_state import RUNNING, DeploymentState, NodeRecord
+from controller.deployment_state import DeploymentState
+from controller.nodes import NodeRecord
 from protos import controller_pb2 as pb
 
 
 def deployment_status(state: DeploymentState, name: str) -> pb.DeploymentStatus:
     record = state.deployments[name]
-    running = sum(
-        1 for r in state.replicas.values() if r.deployment == name and r.keep and r.state == RUNNING
-    )
     return pb.DeploymentStatus(
         name=name,
         target_replicas=record.target,
-        running_replicas=running,
+        running_replicas=state.running_replicas(name),
         engine=record.spec.engine,
         model_source=record.spec.model,
         strategy=record.spec.routing,

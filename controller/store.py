@@ -6,6 +6,11 @@ under a millisecond and keeps the file always consistent. Callers run `save`
 and `load` in a worker thread (`asyncio.to_thread`) so the event loop that
 answers heartbeats never waits on the disk.
 
+Each table is defined once, by its row dataclass: the column names, their SQL
+types, the CREATE TABLE, INSERT and SELECT all come from the dataclass's
+fields, in field order, the first field being the primary key. Field names are
+the column names of files written by earlier versions, so those files load.
+
 Load figures and heartbeat times are not stored: they are stale the moment
 the controller stops, and the schedulers report fresh ones within seconds.
 """
@@ -15,43 +20,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deployments (
-    name TEXT PRIMARY KEY,
-    spec_json TEXT NOT NULL,
-    applied_json TEXT NOT NULL,
-    target INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    cpus REAL NOT NULL,
-    memory_gib REAL NOT NULL,
-    gpus INTEGER NOT NULL,
-    metrics_address TEXT NOT NULL,
-    alive INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS replicas (
-    replica_id TEXT PRIMARY KEY,
-    deployment TEXT NOT NULL,
-    node_id TEXT NOT NULL,
-    deployment_json TEXT NOT NULL,
-    spec_key TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    keep INTEGER NOT NULL,
-    address TEXT NOT NULL,
-    metrics_address TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    restarts INTEGER NOT NULL,
-    cpus REAL NOT NULL,
-    memory_gib REAL NOT NULL,
-    gpus INTEGER NOT NULL
-);
-"""
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+RowT = TypeVar("RowT", bound="DataclassInstance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +81,59 @@ class Snapshot:
     routing_version: int
 
 
+def to_row(row_type: type[RowT], record: object) -> RowT:
+    """A `row_type` with each field read from the attribute of the same name on `record`."""
+    return row_type(**{f.name: getattr(record, f.name) for f in fields(row_type)})
+
+
+_SQL_TYPES: dict[type, str] = {str: "TEXT", int: "INTEGER", float: "REAL", bool: "INTEGER"}
+"""Python field type -> SQLite column type. Booleans are stored as 0 and 1."""
+
+
+class Table(Generic[RowT]):
+    """The SQL of one table, derived from its row dataclass."""
+
+    def __init__(self, name: str, row_type: type[RowT]) -> None:
+        self.name = name
+        self.row_type = row_type
+        hints = typing.get_type_hints(row_type)
+        self.columns = tuple(f.name for f in fields(row_type))
+        self._convert: tuple[Callable[[Any], Any], ...] = tuple(hints[c] for c in self.columns)
+        key, *rest = self.columns
+        decls = [f"{key} {_SQL_TYPES[hints[key]]} PRIMARY KEY"]
+        decls += [f"{c} {_SQL_TYPES[hints[c]]} NOT NULL" for c in rest]
+        body = ",\n    ".join(decls)
+        names = ", ".join(self.columns)
+        self.create_sql = f"CREATE TABLE IF NOT EXISTS {name} (\n    {body}\n);"
+        self.insert_sql = (
+            f"INSERT INTO {name} ({names}) VALUES ({', '.join('?' * len(self.columns))})"
+        )
+        self.select_sql = f"SELECT {names} FROM {name} ORDER BY {key}"
+
+    def values(self, row: RowT) -> tuple[object, ...]:
+        return tuple(getattr(row, c) for c in self.columns)
+
+    def row(self, values: Iterable[object]) -> RowT:
+        """A row from a SELECT result; SQLite's 0/1 become bools again."""
+        return self.row_type(
+            *(convert(v) for convert, v in zip(self._convert, values, strict=True))
+        )
+
+
+DEPLOYMENTS = Table("deployments", DeploymentRow)
+NODES = Table("nodes", NodeRow)
+REPLICAS = Table("replicas", ReplicaRow)
+
+SCHEMA = "\n".join(
+    [
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        DEPLOYMENTS.create_sql,
+        NODES.create_sql,
+        REPLICAS.create_sql,
+    ]
+)
+
+
 class Store:
     """One SQLite file; `path` ':memory:' keeps the state in memory (tests)."""
 
@@ -128,43 +159,12 @@ class Store:
             row = db.execute("SELECT value FROM meta WHERE key = 'routing_version'").fetchone()
             if row is None:
                 return None
-            deployments = tuple(
-                DeploymentRow(name, spec, applied, int(target))
-                for name, spec, applied, target in db.execute(
-                    "SELECT name, spec_json, applied_json, target FROM deployments ORDER BY name"
-                )
+            return Snapshot(
+                deployments=tuple(DEPLOYMENTS.row(r) for r in db.execute(DEPLOYMENTS.select_sql)),
+                nodes=tuple(NODES.row(r) for r in db.execute(NODES.select_sql)),
+                replicas=tuple(REPLICAS.row(r) for r in db.execute(REPLICAS.select_sql)),
+                routing_version=int(row[0]),
             )
-            nodes = tuple(
-                NodeRow(nid, host, float(cpus), float(mem), int(gpus), metrics, bool(alive))
-                for nid, host, cpus, mem, gpus, metrics, alive in db.execute(
-                    "SELECT node_id, host, cpus, memory_gib, gpus, metrics_address, alive "
-                    "FROM nodes ORDER BY node_id"
-                )
-            )
-            replicas = tuple(
-                ReplicaRow(
-                    replica_id=r[0],
-                    deployment=r[1],
-                    node_id=r[2],
-                    deployment_json=r[3],
-                    spec_key=r[4],
-                    state=int(r[5]),
-                    keep=bool(r[6]),
-                    address=r[7],
-                    metrics_address=r[8],
-                    pid=int(r[9]),
-                    restarts=int(r[10]),
-                    cpus=float(r[11]),
-                    memory_gib=float(r[12]),
-                    gpus=int(r[13]),
-                )
-                for r in db.execute(
-                    "SELECT replica_id, deployment, node_id, deployment_json, spec_key, state, "
-                    "keep, address, metrics_address, pid, restarts, cpus, memory_gib, gpus "
-                    "FROM replicas ORDER BY replica_id"
-                )
-            )
-            return Snapshot(deployments, nodes, replicas, int(row[0]))
 
     def save(self, snap: Snapshot) -> None:
         """Replace the stored state with `snap`, atomically."""
@@ -172,50 +172,9 @@ class Store:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("DELETE FROM deployments")
-                db.execute("DELETE FROM nodes")
-                db.execute("DELETE FROM replicas")
-                db.executemany(
-                    "INSERT INTO deployments VALUES (?, ?, ?, ?)",
-                    [(d.name, d.spec_json, d.applied_json, d.target) for d in snap.deployments],
-                )
-                db.executemany(
-                    "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            n.node_id,
-                            n.host,
-                            n.cpus,
-                            n.memory_gib,
-                            n.gpus,
-                            n.metrics_address,
-                            n.alive,
-                        )
-                        for n in snap.nodes
-                    ],
-                )
-                db.executemany(
-                    "INSERT INTO replicas VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r.replica_id,
-                            r.deployment,
-                            r.node_id,
-                            r.deployment_json,
-                            r.spec_key,
-                            r.state,
-                            r.keep,
-                            r.address,
-                            r.metrics_address,
-                            r.pid,
-                            r.restarts,
-                            r.cpus,
-                            r.memory_gib,
-                            r.gpus,
-                        )
-                        for r in snap.replicas
-                    ],
-                )
+                _replace(db, DEPLOYMENTS, snap.deployments)
+                _replace(db, NODES, snap.nodes)
+                _replace(db, REPLICAS, snap.replicas)
                 db.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('routing_version', ?)",
                     (str(snap.routing_version),),
@@ -224,3 +183,8 @@ class Store:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+
+def _replace(db: sqlite3.Connection, table: Table[RowT], rows: Iterable[RowT]) -> None:
+    db.execute(f"DELETE FROM {table.name}")
+    db.executemany(table.insert_sql, [table.values(r) for r in rows])

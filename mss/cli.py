@@ -1,8 +1,10 @@
 """The `mss` command: one subcommand per process role, plus `up`, `status` and `scale`.
 
 Each role's package exposes `add_arguments(parser)` and `run(args) -> int` in
-its `main` module; this file only wires them together and imports lazily so
-`mss gateway` never pays for importing the engine.
+its `main` module; `module:name` instead names an object in a module that
+offers the same two (the admin commands share `controller/admin_cli.py`). This
+file only wires them together and imports lazily so `mss gateway` never pays
+for importing the engine.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scheduler": ("scheduler.main", "run a node scheduler"),
     "gateway": ("gateway.main", "run the HTTP/SSE gateway"),
     "replica": ("replica.main", "run one replica (engine + gRPC server)"),
-    "status": ("controller.admin", "print nodes, deployments and replicas"),
-    "scale": ("controller.admin_scale", "set a deployment's replica count"),
+    "status": ("controller.admin_cli:status", "print nodes, deployments and replicas"),
+    "scale": ("controller.admin_cli:scale", "set a deployment's replica count"),
 }
 
 
@@ -31,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage and exits
         return 2
-    module_name, help_text = COMMANDS[argv[0]]
+    target, help_text = COMMANDS[argv[0]]
+    module_name, _, name = target.partition(":")
     module = importlib.import_module(module_name)
+    command = getattr(module, name) if name else module
     role = argparse.ArgumentParser(prog=f"mss {argv[0]}", description=help_text)
-    module.add_arguments(role)
+    command.add_arguments(role)
     args = role.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    return int(command.run(args) or 0)
 
 
 if __name__ == "__main__":

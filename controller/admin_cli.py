@@ -1,22 +1,46 @@
-"""`mss status`: nodes, deployments and replicas as the controller sees them, as tables."""
+"""`mss status` and `mss scale`: command-line clients of the controller's admin RPCs.
+
+`mss status` prints nodes, deployments and replicas as the controller sees
+them, as tables; `mss scale MODEL N` sets how many replicas a deployment runs.
+Each command is a `Command` that `mss/cli.py` names as
+`controller.admin_cli:status` and `controller.admin_cli:scale`. The answers are
+built on the controller side by `controller/status.py`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
-from controller.deployment_state import STATE_NAMES
+from mss.replica_states import state_name
+from mss.rpc import UNARY_CHANNEL_OPTIONS
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True, slots=True)
+class Command:
+    """What `mss/cli.py` needs of a subcommand: its arguments and its body."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", default="127.0.0.1:50051", help="controller HOST:PORT")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
 
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return grpc.insecure_channel(args.controller, options=UNARY_CHANNEL_OPTIONS)
+
+
+# ----- mss status ----------------------------------------------------------------------
 
 REPLICA_COLUMNS = "REPLICA DEPLOYMENT NODE STATE ADDRESS RUN WAIT KV RESTARTS MESSAGE".split()
 
@@ -33,6 +57,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def render(status: pb.StatusResponse, now: float | None = None) -> str:
+    """The `mss status` tables; `now` (Unix time) dates the heartbeats."""
     now = time.time() if now is None else now
     nodes = [
         [
@@ -61,7 +86,7 @@ def render(status: pb.StatusResponse, now: float | None = None) -> str:
             r.status.replica_id,
             r.status.deployment,
             r.node_id,
-            STATE_NAMES.get(r.status.state, "unknown") + ("" if r.keep else " (leaving)"),
+            state_name(r.status.state) + ("" if r.keep else " (leaving)"),
             r.status.address or "-",
             str(r.status.load.running),
             str(r.status.load.waiting),
@@ -86,8 +111,8 @@ def render(status: pb.StatusResponse, now: float | None = None) -> str:
     return "\n".join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.controller) as channel:
+def _run_status(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
         try:
             status = stub.Status(pb.StatusRequest(), timeout=args.timeout)
@@ -96,3 +121,35 @@ def run(args: argparse.Namespace) -> int:
             return 1
     sys.stdout.write(render(status) + "\n")
     return 0
+
+
+status = Command(add_arguments=_add_controller_arguments, run=_run_status)
+
+
+# ----- mss scale -----------------------------------------------------------------------
+
+
+def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="deployment name")
+    parser.add_argument("replicas", type=int, help="replica count wanted (0 or more)")
+    _add_controller_arguments(parser)
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        try:
+            reply = stub.Scale(
+                pb.ScaleRequest(deployment=args.model, replicas=args.replicas), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            sys.stderr.write(f"mss scale: {exc.details()}\n")
+            return 1
+    d = reply.deployment
+    sys.stdout.write(
+        f"{d.name}: target {d.target_replicas} replicas ({d.running_replicas} running now)\n"
+    )
+    return 0
+
+
+scale = Command(add_arguments=_add_scale_arguments, run=_run_scale)
