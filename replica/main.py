@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import uuid
 
@@ -20,22 +21,13 @@ from pydantic import ValidationError
 
 from mss.config import BUNDLED_MODEL, Deployment, format_validation_error
 from mss.logs import setup_logging
+from mss.rpc import SERVER_OPTIONS
 from protos import replica_pb2_grpc
 from replica.engine import create_engine
 from replica.model_store import ModelError
 from replica.server import ReplicaService
 
 log = logging.getLogger("replica")
-
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +73,33 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         log.error("invalid deployment:\n%s", format_validation_error(exc))
         return 2
+    if deployment.engine == "vllm":
+        set_engine_environment(deployment)
     return asyncio.run(serve(deployment, args))
+
+
+def set_engine_environment(deployment: Deployment) -> None:
+    """The process-wide settings that vLLM and Hugging Face read only from the environment.
+
+    Set once here, in the entry point, before either library is imported (the
+    engine imports them when it starts); library modules never touch
+    `os.environ`. The first two are defaults an operator can override.
+    """
+    # Models come from the model store, converted locally; never from the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM on CPU keeps one core for its front end by default; on a small node
+    # that takes half the cores from the engine.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    # The KV-cache size is passed to vLLM explicitly (engine_args.kv_cache_gib),
+    # but vLLM's CPU platform lets this legacy variable override it: the
+    # deployment decides, so the variable goes.
+    legacy = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    if legacy and legacy != f"{deployment.engine_args.kv_cache_gib:g}":
+        log.info(
+            "VLLM_CPU_KVCACHE_SPACE=%s ignored: the deployment's kv_cache_gib is %g",
+            legacy,
+            deployment.engine_args.kv_cache_gib,
+        )
 
 
 async def serve(deployment: Deployment, args: argparse.Namespace) -> int:
@@ -90,7 +108,7 @@ async def serve(deployment: Deployment, args: argparse.Namespace) -> int:
     service = ReplicaService(
         engine, replica_id, deployment.limits.replica_max_in_flight, args.log_prompts
     )
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     replica_pb2_grpc.add_ReplicaServicer_to_server(service, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:

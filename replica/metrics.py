@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import grpc
 from prometheus_client import Counter, Gauge
+
+from mss.rpc import status_name
 
 if TYPE_CHECKING:
     from replica.server import ReplicaService
@@ -31,6 +32,9 @@ PROMPT = Counter("mss_replica_prompt_tokens_total", "Prompt tokens processed.", 
 
 
 class ReplicaMetrics:
+    """The gauges of one replica (read from the service and engine when scraped) and its
+    per-request counters."""
+
     def __init__(self, model: str, service: ReplicaService) -> None:
         engine = service.engine
         RUNNING.labels(model).set_function(lambda: engine.load.running)
@@ -50,9 +54,5 @@ class ReplicaMetrics:
         REQUESTS.labels(self._model, outcome).inc()
 
     def rejected(self, code: int) -> None:
-        name = grpc.StatusCode.INVALID_ARGUMENT
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                name = status
-                break
-        REQUESTS.labels(self._model, f"rejected_{name.name.lower()}").inc()
+        """A request refused before it ran; `code` is the status number sent to the gateway."""
+        REQUESTS.labels(self._model, f"rejected_{status_name(code)}").inc()

@@ -87,7 +87,11 @@ def _converted(gguf: Path, name: str) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Dequantize `gguf` into a Hugging Face folder at `out`.
+
+    Reads local files only; the entry point sets HF_HUB_OFFLINE so that
+    transformers never reaches for the hub (see `replica.main`).
+    """
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,14 +8,24 @@ step to all its requests in one go, one reply carries one engine step for
 every request on the stream: the per-token cost of Python gRPC is paid once
 per step, not once per token per request.
 
-Cancellation has one path: a CancelRequest, or the stream ending, cancels the
-request's task; the engine's generator aborts the engine request as it unwinds.
+Each request's task first has the engine tokenize it (off the event loop, see
+`Engine.prepare`), then streams its deltas. Admission is decided when the
+request's message is applied, in the order messages arrive, so a refusal, a
+duplicate id or a cancel right behind its request all behave as if the whole
+request were handled at once.
+
+Cancellation has one path: a CancelRequest, the stream ending or a drain
+deadline cancels the request's task (`_Stream.cancel`, `_Stream.cancel_all`),
+and `Engine.generate` aborts the engine request as the CancelledError passes
+through it; its docstring tells the whole path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import itertools
 import logging
 import time
@@ -24,16 +34,18 @@ from collections.abc import AsyncIterator
 import grpc
 
 from mss.logs import request_id_var
+from mss.rpc import status_number
 from protos import replica_pb2, replica_pb2_grpc
-from replica.engine import Engine, InvalidRequest, Prepared
+from replica.engine import Engine, InvalidRequest
 from replica.metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
 
-INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
-INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+# Codes carried in a RequestError: one request fails, its stream goes on.
+INVALID_ARGUMENT = status_number(grpc.StatusCode.INVALID_ARGUMENT)
+RESOURCE_EXHAUSTED = status_number(grpc.StatusCode.RESOURCE_EXHAUSTED)
+UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
+INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
@@ -113,7 +125,7 @@ class _Stream:
     def __init__(self, service: ReplicaService, number: int) -> None:
         self.service = service
         self.number = number
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.tasks: dict[str, asyncio.Task[str | None]] = {}
         self.outbox = replica_pb2.GenerateReply()
         self.add = self.outbox.deltas.add
         self.wake = asyncio.Event()
@@ -155,9 +167,18 @@ class _Stream:
         if kind == "request":
             self.start(message.request)
         elif kind == "cancel":
-            task = self.tasks.get(message.cancel.request_id)
-            if task is not None:
-                task.cancel()
+            self.cancel(message.cancel.request_id)
+
+    def cancel(self, rid: str) -> None:
+        """The gateway's CancelRequest: cancel the request's task; unknown ids are ignored.
+
+        That is all the server does; `Engine.generate` aborts the engine request
+        as the CancelledError passes through it, wherever the task is (a request
+        still being tokenized has nothing in the engine yet).
+        """
+        task = self.tasks.get(rid)
+        if task is not None:
+            task.cancel()
 
     def reject(self, request_id: str, code: int, message: str) -> None:
         self.service.metrics.rejected(code)
@@ -168,6 +189,11 @@ class _Stream:
         )
 
     def start(self, request: replica_pb2.GenerateRequest) -> None:
+        """Admit a request and start its task, or refuse it at once.
+
+        Runs as the message is applied, so the checks see requests in arrival
+        order and the task is known before the next message (a cancel) is read.
+        """
         service = self.service
         rid = request.request_id
         if not rid:
@@ -187,62 +213,94 @@ class _Stream:
                 f"replica {service.replica_id} is at its limit of {service.max_in_flight} requests",
             )
             return
-        try:
-            prepared = service.engine.prepare(request, f"{self.number}-{rid}")
-        except InvalidRequest as exc:
-            self.reject(rid, INVALID_ARGUMENT, str(exc))
-            return
         service.in_flight += 1
         service.idle.clear()
-        self.tasks[rid] = asyncio.create_task(self.run(rid, prepared), name=f"request-{rid}")
+        # The request's task and its release run in a context holding its id,
+        # so every log line about the request names it.
+        context = contextvars.copy_context()
+        context.run(request_id_var.set, rid)
+        task = asyncio.create_task(self.run(rid, request), name=f"request-{rid}", context=context)
+        self.tasks[rid] = task
+        # A callback rather than a `finally` in `run`: a task cancelled before
+        # its first step (a cancel in the same batch as its request) never
+        # runs its body, and its slot must still come back.
+        release = functools.partial(self._release, rid, time.monotonic())
+        task.add_done_callback(release, context=context)
 
-    async def run(self, rid: str, prepared: Prepared) -> None:
+    def _release(self, rid: str, admitted: float, task: asyncio.Task[str | None]) -> None:
+        """Give back the request's slot and count its outcome, however its task ended."""
         service = self.service
-        request_id_var.set(rid)
-        if service.log_prompts:
-            log.info("prompt (%d tokens): %r", len(prepared.prompt_token_ids), prepared.prompt_text)
-        started = time.monotonic()
-        outcome = "error"
+        service.in_flight -= 1
+        if not service.in_flight:
+            service.idle.set()
+        if self.tasks.get(rid) is task:
+            del self.tasks[rid]
+        self.wake.set()
+        elapsed = time.monotonic() - admitted
+        if task.cancelled():
+            # Engine.generate aborted the engine request, if it had reached the engine.
+            outcome: str | None = "abort"
+            log.info("aborted after %.3f s", elapsed)
+        else:
+            outcome = task.result()
+            if outcome is not None:
+                log.debug("finished %s in %.3f s", outcome, elapsed)
+        if outcome is not None:
+            service.metrics.outcome(outcome)
+
+    async def run(self, rid: str, request: replica_pb2.GenerateRequest) -> str | None:
+        """One admitted request, to its last delta; returns its outcome for the metrics.
+
+        The outcome is the finish reason, "error" when the engine failed the
+        request, or None when it was refused as invalid. A CancelledError
+        passes through; `_release` counts it.
+        """
         try:
-            async with contextlib.aclosing(service.engine.generate(prepared)) as deltas:
-                async for d in deltas:
-                    if d.finish_reason is None:
-                        self.add(request_id=rid, text=d.text, num_tokens=d.num_tokens)
-                        self.wake.set()
-                        continue
-                    self.push(
-                        request_id=rid,
-                        text=d.text,
-                        num_tokens=d.num_tokens,
-                        finish_reason=d.finish_reason,
-                        prompt_tokens=d.prompt_tokens,
-                        completion_tokens=d.completion_tokens,
-                    )
-                    outcome = d.finish_reason
-                    service.metrics.finished(d.prompt_tokens, d.completion_tokens)
-            log.debug("finished %s in %.3f s", outcome, time.monotonic() - started)
-        except asyncio.CancelledError:
-            outcome = "abort"
-            log.info("aborted after %.3f s", time.monotonic() - started)
-            raise
+            return await self._serve(rid, request)
         except Exception as exc:
-            # The engine failed this request; tell the gateway so it can retry or end
-            # the stream with an error, and keep serving the others.
+            # The engine failed this request: logged with its traceback, and the
+            # gateway told, so it can retry or end the stream with an error,
+            # while this replica keeps serving the others.
             log.exception("engine failed the request")
             self.push(
                 request_id=rid,
                 finish_reason="error",
                 error=replica_pb2.RequestError(code=INTERNAL, message=f"engine error: {exc}"),
             )
-        finally:
-            service.in_flight -= 1
-            if not service.in_flight:
-                service.idle.set()
-            service.metrics.outcome(outcome)
-            self.tasks.pop(rid, None)
-            self.wake.set()
+            return "error"
+
+    async def _serve(self, rid: str, request: replica_pb2.GenerateRequest) -> str | None:
+        """Tokenize, then stream deltas into the outbox; the finish reason, None if refused."""
+        service = self.service
+        try:
+            prepared = await service.engine.prepare(request, f"{self.number}-{rid}")
+        except InvalidRequest as exc:
+            self.reject(rid, INVALID_ARGUMENT, str(exc))
+            return None
+        if service.log_prompts:
+            log.info("prompt (%d tokens): %r", len(prepared.prompt_token_ids), prepared.prompt_text)
+        outcome = "error"
+        async with contextlib.aclosing(service.engine.generate(prepared)) as deltas:
+            async for d in deltas:
+                if d.finish_reason is None:
+                    self.add(request_id=rid, text=d.text, num_tokens=d.num_tokens)
+                    self.wake.set()
+                    continue
+                self.push(
+                    request_id=rid,
+                    text=d.text,
+                    num_tokens=d.num_tokens,
+                    finish_reason=d.finish_reason,
+                    prompt_tokens=d.prompt_tokens,
+                    completion_tokens=d.completion_tokens,
+                )
+                outcome = d.finish_reason
+                service.metrics.finished(d.prompt_tokens, d.completion_tokens)
+        return outcome
 
     async def cancel_all(self, reason: str | None = None) -> None:
+        """Cancel every request of this stream (it ended, or the drain deadline passed),
+        telling the gateway `reason` when there is one; returns once all have unwound."""
         tasks = list(self.tasks.items())
         for rid, task in tasks:
             task.cancel()

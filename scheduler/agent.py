@@ -16,6 +16,7 @@ import logging
 
 import grpc
 
+from mss.rpc import UNARY_CHANNEL_OPTIONS
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
 from scheduler import metrics
@@ -23,16 +24,10 @@ from scheduler.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [
-    # Reconnect fast after a controller restart: the default backoff grows to
-    # minutes, which would make the controller declare this node dead.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
 
 class NodeAgent:
+    """Registers this node, then heartbeats with its replicas' states and applies the answers."""
+
     def __init__(
         self,
         controller: str,
@@ -47,7 +42,10 @@ class NodeAgent:
         self.interval_s = 2.0
         self.registered = False
         self.changed = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS)
+        # Unary calls with their own deadlines, and a reconnect within a second
+        # after a controller restart (gRPC's default backoff grows to minutes,
+        # long enough for the controller to declare this node dead).
+        self._channel = grpc.aio.insecure_channel(controller, options=UNARY_CHANNEL_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
         self._failing_since: float | None = None
 

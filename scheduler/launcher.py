@@ -2,42 +2,30 @@
 
 Replicas run as `python -m mss.cli replica ...` in their own session (so a
 Ctrl-C on the terminal reaches the scheduler, which stops them in order) with
-PR_SET_PDEATHSIG set to SIGTERM: if the scheduler dies, even by SIGKILL, the
-kernel tells each replica to drain and exit, so no orphan outlives its node.
-The death signal fires when the thread that forked the child ends, so
-processes are always spawned from the event loop's thread, never a worker.
+the parent-death signal set (`mss.processes.die_with_parent`): if the
+scheduler dies, even by SIGKILL, the kernel tells each replica to drain and
+exit, so no orphan outlives its node. The death signal fires when the thread
+that forked the child ends, so processes are always spawned from the event
+loop's thread, never a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import grpc
 
+from mss.processes import die_with_parent, port_is_free
+from mss.rpc import UNARY_CHANNEL_OPTIONS
 from protos import replica_pb2, replica_pb2_grpc
 from scheduler.supervisor import Health, LaunchSpec
 
 log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class ReplicaProcess:
@@ -64,17 +52,9 @@ class ReplicaProcess:
             pass  # the group is gone already
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 class ProcessLauncher:
+    """Starts replica processes on ports from the node's ranges and calls their Health."""
+
     def __init__(
         self,
         bind_host: str,
@@ -115,6 +95,9 @@ class ProcessLauncher:
         ]
 
     def spawn(self, spec: LaunchSpec) -> ReplicaProcess:
+        # The child inherits this process's environment, GRPC_ENABLE_FORK_SUPPORT
+        # set by `scheduler.main.run` included (replicas fork their engine's
+        # processes while their gRPC server runs).
         env = dict(os.environ)
         env.update(self.extra_env)
         env["MSS_REPLICA_ID"] = spec.replica_id
@@ -125,7 +108,7 @@ class ProcessLauncher:
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         return ReplicaProcess(popen)
 
@@ -146,7 +129,7 @@ class ProcessLauncher:
             if cached is not None:
                 await cached[1].close()
             target = f"{'127.0.0.1' if self.bind_host == '0.0.0.0' else self.bind_host}:{port}"
-            cached = (port, grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS))
+            cached = (port, grpc.aio.insecure_channel(target, options=UNARY_CHANNEL_OPTIONS))
             self._channels[replica_id] = cached
         stub = replica_pb2_grpc.ReplicaStub(cached[1])
         reply: replica_pb2.HealthResponse = await stub.Health(

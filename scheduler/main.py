@@ -23,9 +23,9 @@ from prometheus_client import start_http_server
 from mss.logs import setup_logging
 from protos import controller_pb2 as pb
 from scheduler import metrics
-from scheduler.agent import NodeAgent
-from scheduler.launcher import ProcessLauncher
 from scheduler.supervisor import Supervisor
+
+# Nothing imported above may import grpc: see `run` (a unit test checks it).
 
 log = logging.getLogger("scheduler")
 
@@ -73,10 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("scheduler", args.log_format, args.log_level)
+    # The scheduler forks replicas (preexec_fn rules out vfork) while gRPC
+    # threads run; gRPC's fork handlers are useless there and log a warning
+    # at every start. gRPC reads this once, when it is first imported, so it
+    # is set here before `serve` imports the modules that use gRPC.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     return asyncio.run(serve(args))
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from scheduler.agent import NodeAgent
+    from scheduler.launcher import ProcessLauncher
+
     gpus = detect_gpus() if args.gpus is None else args.gpus
     cpus = float(os.cpu_count() or 1) if args.cpus is None else args.cpus
     memory = psutil.virtual_memory().total / 2**30 if args.memory_gib is None else args.memory_gib

@@ -23,26 +23,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mss.config import Deployment
+from mss.replica_states import LIVE, RUNNING, STARTING, STOPPED, STOPPING, UNHEALTHY, state_name
 from protos import controller_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-STARTING = pb.STARTING
-RUNNING = pb.RUNNING
-UNHEALTHY = pb.UNHEALTHY
-STOPPING = pb.STOPPING
-STOPPED = pb.STOPPED
-STATE_NAMES: dict[int, str] = {
-    STARTING: "starting",
-    RUNNING: "running",
-    UNHEALTHY: "unhealthy",
-    STOPPING: "stopping",
-    STOPPED: "stopped",
-}
+NODE_STATES = (*LIVE, STOPPING, STOPPED)
+"""Every state a replica on this node can be in; each is exported, even when at zero."""
 
 
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:
+    """Everything a launcher needs to start one replica process."""
+
     replica_id: str
     deployment_json: str
     port: int
@@ -53,6 +46,8 @@ class LaunchSpec:
 
 @dataclass(frozen=True, slots=True)
 class Health:
+    """A replica's answer to Health: ready, and its engine's load for the controller."""
+
     ready: bool
     running: int = 0
     waiting: int = 0
@@ -60,6 +55,8 @@ class Health:
 
 
 class ProcessHandle(Protocol):
+    """A started replica process, as the launcher hands it back."""
+
     @property
     def pid(self) -> int: ...
 
@@ -93,6 +90,8 @@ class Launcher(Protocol):
 
 @dataclass(slots=True)
 class SupervisorSettings:
+    """Timings of the state machines; tests shorten them."""
+
     initial_backoff_s: float = 1.0
     max_backoff_s: float = 30.0
     backoff_reset_s: float = 30.0
@@ -110,6 +109,8 @@ class SupervisorSettings:
 
 @dataclass(slots=True)
 class Replica:
+    """One assigned replica: what the controller asked for and where its process stands."""
+
     replica_id: str
     deployment: str
     deployment_json: str
@@ -201,10 +202,12 @@ class Supervisor:
         self._set(rep, STOPPING, "draining")
 
     def stop_all(self) -> None:
+        """Drain and stop every replica (the scheduler is shutting down)."""
         for replica_id in list(self.replicas):
             self.stop(replica_id)
 
     def all_stopped(self) -> bool:
+        """Whether every replica's process has exited."""
         return all(rep.state == STOPPED for rep in self.replicas.values())
 
     def forget_stopped(self, keep_ids: set[str]) -> None:
@@ -224,6 +227,8 @@ class Supervisor:
                 if self._step(rep, now):
                     probes.append(rep)
             except Exception:
+                # One replica's broken step (logged with its traceback) must
+                # not stop the supervision of the others; retried next update.
                 log.exception("supervising replica %s failed; retrying", rep.replica_id)
         if probes:
             results = await asyncio.gather(
@@ -347,8 +352,8 @@ class Supervisor:
             log.info(
                 "replica %s: %s -> %s%s",
                 rep.replica_id,
-                STATE_NAMES[rep.state],
-                STATE_NAMES[state],
+                state_name(rep.state),
+                state_name(state),
                 f" ({message})" if message else "",
             )
             rep.state = state
@@ -366,6 +371,7 @@ class Supervisor:
     # ----- reports -----------------------------------------------------------------------
 
     def statuses(self) -> list[pb.ReplicaStatus]:
+        """What the next heartbeat reports; a STOPPED replica counts as reported from here on."""
         out = []
         for rep in sorted(self.replicas.values(), key=lambda r: r.replica_id):
             if rep.state == STOPPED:
@@ -391,7 +397,8 @@ class Supervisor:
         return out
 
     def state_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATE_NAMES.values(), 0)
+        """Replicas per state name, every state present, for the `mss_scheduler_replicas` gauge."""
+        counts = {state_name(state): 0 for state in NODE_STATES}
         for rep in self.replicas.values():
-            counts[STATE_NAMES[rep.state]] += 1
+            counts[state_name(rep.state)] += 1
         return counts

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import grpc
 
 from mss.config import Deployment
@@ -226,3 +230,31 @@ async def test_agent_keeps_replicas_when_controller_is_down() -> None:
         assert launcher.proc("r1").signals == []
     finally:
         await agent.close()
+
+
+async def test_state_counts_name_every_node_state_even_at_zero() -> None:
+    sup, _, _, _ = make()
+    sup.ensure("r1", spec_json(), 1.0)
+    await sup.update()
+    assert sup.state_counts() == {
+        "starting": 1,
+        "running": 0,
+        "unhealthy": 0,
+        "stopping": 0,
+        "stopped": 0,
+    }
+
+
+def test_only_the_entry_point_sets_grpc_fork_support_before_grpc_is_imported() -> None:
+    # gRPC reads GRPC_ENABLE_FORK_SUPPORT once, when first imported: `run` can
+    # set it only if importing the scheduler's entry point does not import gRPC,
+    # and importing the scheduler's modules must leave the environment alone.
+    code = (
+        "import os, sys\n"
+        "import scheduler.main\n"
+        "assert 'grpc' not in sys.modules, 'scheduler.main imports grpc'\n"
+        "import scheduler.agent, scheduler.launcher\n"
+        "assert 'GRPC_ENABLE_FORK_SUPPORT' not in os.environ\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)

@@ -1,0 +1,139 @@
+"""The engine base class, through the fake engine: tokenizing off the event loop,
+arrival order, and the one cancellation path (abort, then re-raise)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from protos import replica_pb2
+from replica.engine import InvalidRequest
+from tests.support import RecordingEngine
+
+
+def request(rid: str, prompt: str = "hello there world") -> replica_pb2.GenerateRequest:
+    return replica_pb2.GenerateRequest(request_id=rid, prompt=prompt, max_tokens=6)
+
+
+async def started(token_interval_ms: float = 0.0) -> RecordingEngine:
+    engine = RecordingEngine(token_interval_ms)
+    await engine.start()
+    return engine
+
+
+async def test_fake_engine_text_is_deterministic_as_before() -> None:
+    engine = await started()
+    try:
+        prepared = await engine.prepare(request("a"), "1-a")
+        deltas = [d async for d in engine.generate(prepared)]
+        assert "".join(d.text for d in deltas) == "while streams of tokens flow through"
+        assert (deltas[-1].finish_reason, deltas[-1].prompt_tokens) == ("length", 3)
+        chat = replica_pb2.GenerateRequest(
+            request_id="b",
+            messages=[replica_pb2.ChatMessage(role="user", content="What is the capital?")],
+            max_tokens=5,
+        )
+        prepared = await engine.prepare(chat, "1-b")
+        assert prepared.prompt_text == "user: What is the capital?"
+        assert prepared.prompt_token_ids == [5, 4, 2, 3, 8]
+    finally:
+        await engine.shutdown()
+
+
+async def test_tokenizing_runs_off_the_event_loop_while_the_loop_goes_on() -> None:
+    engine = await started()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await engine.prepare(request("a", "slow prompt"), "1-a")
+        assert len(engine.tokenized_on) == 1
+        assert engine.tokenized_on[0] != threading.get_ident()
+        assert ticks >= 5, f"the loop ticked {ticks} times during a 0.2 s tokenization"
+    finally:
+        task.cancel()
+        await engine.shutdown()
+
+
+async def test_requests_are_tokenized_in_arrival_order() -> None:
+    engine = await started()
+    try:
+        slow = asyncio.create_task(engine.prepare(request("a", "slow first"), "1-a"))
+        fast = asyncio.create_task(engine.prepare(request("b", "fast second"), "1-b"))
+        await asyncio.gather(slow, fast)
+        assert engine.tokenized == ["slow first", "fast second"]
+    finally:
+        await engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "word " * 3000}, "prompt"),
+        ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+        ({"messages": [replica_pb2.ChatMessage(role="robot", content="hi")]}, "messages[0].role"),
+    ],
+)
+async def test_invalid_requests_name_the_field(fields: dict[str, object], field_name: str) -> None:
+    engine = await started()
+    try:
+        bad = replica_pb2.GenerateRequest(request_id="x", max_tokens=4, **fields)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest) as refused:
+            await engine.prepare(bad, "1-x")
+        assert str(refused.value).startswith(f"{field_name}:"), refused.value
+    finally:
+        await engine.shutdown()
+
+
+async def test_cancelling_the_consumer_aborts_the_engine_request_and_re_raises() -> None:
+    engine = await started(token_interval_ms=60_000)  # no token ever comes
+    try:
+        prepared = await engine.prepare(request("a"), "1-a")
+
+        async def consume() -> None:
+            async for _ in engine.generate(prepared):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(engine.streaming.wait(), 5)
+        assert await engine.running_requests() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.aborted == ["1-a"]
+        assert await engine.running_requests() == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_closing_the_stream_early_aborts_too() -> None:
+    engine = await started()
+    try:
+        prepared = await engine.prepare(request("a"), "1-a")
+        deltas = engine.generate(prepared)
+        first = await anext(deltas)
+        assert first.text and first.finish_reason is None
+        await deltas.aclose()
+        assert engine.aborted == ["1-a"]
+        assert await engine.running_requests() == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_finished_request_is_not_aborted() -> None:
+    engine = await started()
+    try:
+        prepared = await engine.prepare(request("a"), "1-a")
+        assert [d async for d in engine.generate(prepared)][-1].finish_reason == "length"
+        assert engine.aborted == []
+    finally:
+        await engine.shutdown()

@@ -1,0 +1,154 @@
+"""The replica's Generate servicer in-process, over the fake engine (no network).
+
+What the servicer promises around tokenization moving off the event loop:
+other streams go on while a prompt is tokenized, a cancel right behind its
+request still cancels it, and refusals after tokenization give back their slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import REGISTRY
+
+from protos import replica_pb2
+from replica.server import ReplicaService
+from tests.support import RecordingEngine
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+Message = replica_pb2.GenerateClientMessage
+
+
+class Client:
+    """One Generate stream on the servicer itself; deltas collected by request id."""
+
+    def __init__(self, service: ReplicaService) -> None:
+        self.outgoing: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.deltas: dict[str, list[replica_pb2.RequestDelta]] = defaultdict(list)
+        self.changed = asyncio.Event()
+        replies = service.Generate(self._messages(), None)  # type: ignore[arg-type]
+        self.reader = asyncio.create_task(self._read(replies))
+
+    async def _messages(self) -> AsyncIterator[Message]:
+        while (message := await self.outgoing.get()) is not None:
+            yield message
+
+    async def _read(self, replies: AsyncIterator[replica_pb2.GenerateReply]) -> None:
+        async for reply in replies:
+            for delta in reply.deltas:
+                self.deltas[delta.request_id].append(delta)
+            self.changed.set()
+
+    def send(self, *messages: Message) -> None:
+        if len(messages) == 1:
+            self.outgoing.put_nowait(messages[0])
+        else:
+            self.outgoing.put_nowait(Message(batch=replica_pb2.RequestBatch(messages=messages)))
+
+    async def finished(self, rid: str, timeout: float = 5.0) -> replica_pb2.RequestDelta:
+        async with asyncio.timeout(timeout):
+            while not (self.deltas[rid] and self.deltas[rid][-1].finish_reason):
+                self.changed.clear()
+                await self.changed.wait()
+        return self.deltas[rid][-1]
+
+    async def close(self) -> None:
+        self.outgoing.put_nowait(None)
+        await asyncio.wait_for(self.reader, 5)
+
+
+def generate(rid: str, prompt: str, max_tokens: int = 5) -> Message:
+    return Message(
+        request=replica_pb2.GenerateRequest(request_id=rid, prompt=prompt, max_tokens=max_tokens)
+    )
+
+
+def outcomes(model: str, outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "mss_replica_requests_total", {"model": model, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def serving(token_interval_ms: float = 5.0) -> tuple[ReplicaService, RecordingEngine]:
+    engine = RecordingEngine(token_interval_ms)
+    await engine.start()
+    service = ReplicaService(engine, "r1", max_in_flight=8)
+    service.ready = True
+    return service, engine
+
+
+async def test_streams_go_on_while_a_prompt_is_tokenized() -> None:
+    service, engine = await serving()
+    client = Client(service)
+    try:
+        client.send(generate("fast", "a b c", max_tokens=5))
+        await asyncio.wait_for(client.changed.wait(), 5)  # fast is streaming
+        client.send(generate("slow", "slow prompt to tokenize"))  # 0.2 s on the tokenizer
+        fast = await client.finished("fast")
+        assert fast.finish_reason == "length"
+        assert not client.deltas["slow"], "fast finished while slow was still being tokenized"
+        assert (await client.finished("slow")).finish_reason == "length"
+    finally:
+        await client.close()
+        await engine.shutdown()
+
+
+async def test_a_cancel_in_the_same_batch_as_its_request_gives_back_the_slot() -> None:
+    service, engine = await serving()
+    aborted_before = outcomes("echo", "abort")
+    client = Client(service)
+    try:
+        cancel = Message(cancel=replica_pb2.CancelRequest(request_id="gone"))
+        client.send(generate("gone", "a b c", max_tokens=50), cancel)
+        client.send(generate("next", "a b"))  # applied after the batch
+        assert (await client.finished("next")).finish_reason == "length"
+        assert not client.deltas["gone"]
+        assert engine.tokenized == ["a b"]  # "gone" was cancelled before it ran at all
+        assert outcomes("echo", "abort") == aborted_before + 1
+        assert service.in_flight == 0 and service.idle.is_set()
+    finally:
+        await client.close()
+        await engine.shutdown()
+
+
+async def test_a_cancel_during_tokenization_never_reaches_the_engine() -> None:
+    service, engine = await serving()
+    aborted_before = outcomes("echo", "abort")
+    client = Client(service)
+    try:
+        client.send(generate("gone", "slow prompt", max_tokens=50))
+        assert await asyncio.to_thread(engine.tokenizing.wait, 5)
+        client.send(Message(cancel=replica_pb2.CancelRequest(request_id="gone")))
+        # Tokenized after "gone" (one tokenizer thread), so it ends well after the cancel.
+        client.send(generate("next", "a b"))
+        assert (await client.finished("next")).finish_reason == "length"
+        assert not client.deltas["gone"]
+        assert engine.tokenized == ["slow prompt", "a b"]
+        assert engine.aborted == []  # nothing was in the engine to abort
+        assert outcomes("echo", "abort") == aborted_before + 1
+        assert service.in_flight == 0 and service.idle.is_set()
+    finally:
+        await client.close()
+        await engine.shutdown()
+
+
+async def test_a_refusal_after_tokenizing_gives_back_its_slot() -> None:
+    service, engine = await serving()
+    refused_before = outcomes("echo", "rejected_invalid_argument")
+    errors_before = outcomes("echo", "error")
+    client = Client(service)
+    try:
+        client.send(generate("long", "word " * 3000))
+        last = await client.finished("long")
+        assert last.finish_reason == "error" and last.error.code == INVALID
+        assert last.error.message.startswith("prompt:")
+        assert service.in_flight == 0
+        assert outcomes("echo", "rejected_invalid_argument") == refused_before + 1
+        assert outcomes("echo", "error") == errors_before
+    finally:
+        await client.close()
+        await engine.shutdown()
