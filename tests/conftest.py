@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.procs import Proc, health, start_replica, wait_ready
+from tests.support import Proc, health, start_replica, wait_ready
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import yaml
 
-from tests.procs import ROOT, engine_env, free_port
+from tests.support import ROOT, engine_env, free_port
 
 
 def chat(url: str, model: str) -> dict[str, object]:

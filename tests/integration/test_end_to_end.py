@@ -16,7 +16,7 @@ import yaml
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.procs import ROOT, Proc, engine_env, free_port, spawn
+from tests.support import ROOT, Proc, engine_env, free_port, spawn
 
 pytestmark = pytest.mark.engine
 

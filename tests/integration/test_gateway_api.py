@@ -10,79 +10,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.procs import Proc, free_port, spawn, start_replica
+from tests.support import Proc, free_port, sse_events, start_gateway, start_replica
 
 MODEL = "smollm2"
 MAX_TOKENS = 24
-
-
-def write_config(text: str) -> str:
-    fd, path = tempfile.mkstemp(prefix="mss-gateway-", suffix=".yaml")
-    Path(path).write_text(text)
-    import os
-
-    os.close(fd)
-    return path
-
-
-def start_gateway(
-    replicas: list[tuple[str, str]],
-    *,
-    config: str | None = None,
-    extra: list[str] | None = None,
-    ready: bool = True,
-    timeout: float = 30.0,
-) -> Proc:
-    """`mss gateway` on a free port; waits for /ready (or only /health when ready=False)."""
-    port = free_port()
-    args = ["gateway", "--port", str(port), *(extra or [])]
-    for model, address in replicas:
-        args += ["--replica", f"{model}={address}"]
-    if config is not None:
-        args += ["--config", write_config(config)]
-    proc = spawn(args, f"gateway-{port}")
-    proc.address = f"http://127.0.0.1:{port}"
-    path = "/ready" if ready else "/health"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"gateway exited:\n{proc.log()[-3000:]}")
-        try:
-            if httpx.get(proc.address + path, timeout=1.0).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError(f"gateway not {path} after {timeout} s:\n{proc.log()[-3000:]}")
-
-
-def sse_events(text: str) -> list[tuple[str | None, dict[str, object] | str]]:
-    """(event name, data) per event, parsed the way an SSE client does."""
-    out: list[tuple[str | None, dict[str, object] | str]] = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        if not block.strip():
-            continue
-        name = None
-        data = []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        payload = "\n".join(data)
-        out.append((name, payload if payload == "[DONE]" else json.loads(payload)))
-    return out
 
 
 CONFIG = f"""

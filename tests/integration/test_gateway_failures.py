@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.integration.test_gateway_api import MODEL, sse_events, start_gateway
-from tests.procs import Proc, health, spawn, start_replica
+from tests.support import Proc, health, spawn, sse_events, start_gateway, start_replica
+
+MODEL = "smollm2"
 
 
 def metric(gateway: Proc, name: str, **labels: str) -> float:

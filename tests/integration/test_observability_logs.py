@@ -13,7 +13,7 @@ import time
 import httpx
 import orjson
 
-from tests.procs import Proc, free_port, spawn, start_replica
+from tests.support import Proc, free_port, spawn, start_replica
 
 PROMPT = "zanzibar-quokka-secret-prompt please tell me about tracing"
 MODEL = "smollm2"

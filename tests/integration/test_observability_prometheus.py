@@ -36,7 +36,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.procs import ROOT, engine_env, free_port
+from tests.support import ROOT, engine_env, free_port
 
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD_DIR = ROOT / "deploy" / "grafana" / "dashboards"

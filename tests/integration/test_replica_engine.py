@@ -8,8 +8,7 @@ import grpc
 import pytest
 
 from protos import replica_pb2
-from tests.procs import Proc
-from tests.replica_client import StreamClient, chat
+from tests.support import Proc, StreamClient, chat
 
 pytestmark = pytest.mark.engine
 
@@ -29,7 +28,7 @@ async def wait_idle(client: StreamClient, timeout: float = 10) -> replica_pb2.He
 def test_health_not_ready_while_loading_then_ready(real_replica: Proc) -> None:
     seen = real_replica.extra["health_while_loading"]
     assert seen == [False], f"first Health answers while loading: {seen}"
-    from tests.procs import health
+    from tests.support import health
 
     reply = health(real_replica.address)
     assert reply.ready and reply.model == "smollm2" and reply.max_model_len == 2048

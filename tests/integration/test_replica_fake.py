@@ -8,8 +8,7 @@ import signal
 import grpc
 
 from protos import replica_pb2
-from tests.procs import Proc, start_replica
-from tests.replica_client import StreamClient
+from tests.support import Proc, StreamClient, start_replica
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
