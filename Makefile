@@ -7,6 +7,10 @@ ENGINE      ?= auto
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CONFIG      ?=
 PYTEST_ARGS ?=
+# checkov (the manifest scanner the tests run) pins packages the engine needs
+# newer, so it has a venv of its own.
+CHECKOV_VENV    ?= .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
 
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
@@ -14,18 +18,24 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install run test unit protos lint loadtest bench clean
+.PHONY: install checkov run test unit protos lint loadtest bench clean
 
 install:
 	@VENV=$(VENV) PYTHON=$(PYTHON) ENGINE=$(ENGINE) TORCH_INDEX=$(TORCH_INDEX) ./deploy/install.sh
 
+checkov: $(CHECKOV_VENV)/bin/checkov
+
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --disable-pip-version-check -q "checkov==$(CHECKOV_VERSION)"
+
 run: install
 	$(BIN)/mss up $(if $(CONFIG),--config $(CONFIG))
 
-test: install
+test: install checkov
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-unit: install
+unit: install checkov
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 protos: install
@@ -34,7 +44,7 @@ protos: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy mss gateway controller replica scheduler loadtest tests deploy/grafana
+	$(BIN)/mypy mss gateway controller replica scheduler loadtest tests deploy/grafana deploy/kubernetes
 
 loadtest: install
 	$(BIN)/python -m loadtest.run_locust
@@ -44,4 +54,4 @@ bench: install
 	$(BIN)/python -m loadtest.bench_gateway
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache

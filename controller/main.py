@@ -15,6 +15,8 @@ import logging
 import signal
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from controller.control_loop import ControlLoop
 from controller.deployment_state import DeploymentState
@@ -96,6 +98,9 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
     controller_pb2_grpc.add_ControllerServicer_to_server(
         ControllerService(state, publisher, loop), server
     )
+    # The standard health service, for probes (Kubernetes' grpc probe, grpc_health_probe).
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.host}:{settings.port}"
     try:
         port = server.add_insecure_port(address)
@@ -106,6 +111,7 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
         store.close()
         return 1
     await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port:
         serve_metrics_and_targets(
             settings.host,
@@ -131,6 +137,7 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
     if runner.done() and not runner.cancelled() and runner.exception() is not None:
         log.error("control loop failed: %r", runner.exception(), exc_info=runner.exception())
     log.info("controller stopping")
+    await health.enter_graceful_shutdown()
     runner.cancel()
     stopping.cancel()
     await asyncio.gather(runner, stopping, return_exceptions=True)
