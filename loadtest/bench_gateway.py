@@ -113,7 +113,9 @@ async def grpc_load(
             inboxes[rid] = inbox
             sent = loop.time()
             request = replica_pb2.GenerateRequest(
-                request_id=rid, prompt="Say hello.", max_tokens=tokens
+                request_id=rid,
+                prompt="Say hello.",
+                sampling=replica_pb2.SamplingParams(max_tokens=tokens),
             )
             outbox.put_nowait(replica_pb2.GenerateClientMessage(request=request))
             first = last = None

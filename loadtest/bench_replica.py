@@ -83,7 +83,9 @@ async def closed_loop(run_one: Runner, concurrency: int, duration: float) -> tup
 
 def grpc_request(i: int, tokens: int) -> replica_pb2.GenerateRequest:
     return replica_pb2.GenerateRequest(
-        request_id=f"bench-{i}", prompt=PROMPT, max_tokens=tokens, ignore_eos=True, seed=i
+        request_id=f"bench-{i}",
+        prompt=PROMPT,
+        sampling=replica_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, seed=i),
     )
 
 
@@ -292,9 +294,9 @@ def chat_request(request_id: str, content: str, max_tokens: int) -> replica_pb2.
     return replica_pb2.GenerateRequest(
         request_id=request_id,
         messages=[replica_pb2.ChatMessage(role="user", content=content)],
-        max_tokens=max_tokens,
-        ignore_eos=True,
-        temperature=0.0,
+        sampling=replica_pb2.SamplingParams(
+            max_tokens=max_tokens, ignore_eos=True, temperature=0.0
+        ),
     )
 
 

@@ -24,35 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/replica.proto\x12\x0bmss.replica\"\xfb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.mss.replica.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"D\n\x0cRequestBatch\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".mss.replica.GenerateClientMessage\"\xaa\x01\n\x15GenerateClientMessage\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.mss.replica.GenerateRequestH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.mss.replica.CancelRequestH\x00\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x19.mss.replica.RequestBatchH\x00\x42\x06\n\x04kind\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb7\x01\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.mss.replica.RequestError\"j\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\"[\n\rGenerateReply\x12)\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x19.mss.replica.RequestDelta\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.mss.replica.Load\"\x0f\n\rHealthRequest\"\x8c\x01\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.mss.replica.Load\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x32\x9c\x01\n\x07Replica\x12N\n\x08Generate\x12\".mss.replica.GenerateClientMessage\x1a\x1a.mss.replica.GenerateReply(\x01\x30\x01\x12\x41\n\x06Health\x12\x1a.mss.replica.HealthRequest\x1a\x1b.mss.replica.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/replica.proto\x12\x0bmss.replica\"\xfd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.mss.replica.ChatMessage\x12-\n\x08sampling\x18\n \x01(\x0b\x32\x1b.mss.replica.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\x05\x12\x12\n\ntools_json\x18\x0c \x01(\t\x12\x37\n\rchat_template\x18\r \x01(\x0b\x32 .mss.replica.ChatTemplateOptionsJ\x04\x08\x04\x10\n\"\x88\x01\n\x13\x43hatTemplateOptions\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\tB\x18\n\x16_add_generation_prompt\"\xe6\x06\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x12\n\nmin_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.mss.replica.SamplingParams.LogitBiasEntry\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x08\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\x05H\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\n\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x14 \x01(\x08H\x0b\x88\x01\x01\x12\x31\n\nstructured\x18\x15 \x01(\x0b\x32\x1d.mss.replica.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokens\"\x94\x02\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.mss.replica.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x07 \x01(\x08\x12%\n\x1d\x64isable_additional_properties\x18\x08 \x01(\x08\x12\x1a\n\x12whitespace_pattern\x18\t \x01(\tB\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x82\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x05 \x01(\t\x12\x17\n\x0f\x63ontent_is_null\x18\x06 \x01(\x08\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"D\n\x0cRequestBatch\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".mss.replica.GenerateClientMessage\"\xaa\x01\n\x15GenerateClientMessage\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1c.mss.replica.GenerateRequestH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.mss.replica.CancelRequestH\x00\x12*\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x19.mss.replica.RequestBatchH\x00\x42\x06\n\x04kind\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe9\x02\n\x0cRequestDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12(\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.mss.replica.RequestError\x12\r\n\x05index\x18\x08 \x01(\x05\x12\x11\n\ttoken_ids\x18\t \x03(\x05\x12+\n\x08logprobs\x18\n \x03(\x0b\x32\x19.mss.replica.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x19.mss.replica.TokenLogprob\x12\x13\n\x0bstop_reason\x18\x0c \x01(\t\x12\x18\n\x10prompt_token_ids\x18\r \x03(\x05\"\x89\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.mss.replica.TopLogprob\x12\x13\n\x0bhas_logprob\x18\x05 \x01(\x08\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"L\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"j\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\"[\n\rGenerateReply\x12)\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x19.mss.replica.RequestDelta\x12\x1f\n\x04load\x18\x02 \x01(\x0b\x32\x11.mss.replica.Load\"\x0f\n\rHealthRequest\"\x8c\x01\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x04load\x18\x03 \x01(\x0b\x32\x11.mss.replica.Load\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\"\xed\x01\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.mss.replica.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ntools_json\x18\x04 \x01(\t\x12\x37\n\rchat_template\x18\x05 \x01(\x0b\x32 .mss.replica.ChatTemplateOptions\x12\x19\n\x11return_token_strs\x18\x06 \x01(\x08\x42\x15\n\x13_add_special_tokens\"M\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\ntoken_strs\x18\x03 \x03(\t\"#\n\x11\x44\x65tokenizeRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t2\xb4\x02\n\x07Replica\x12N\n\x08Generate\x12\".mss.replica.GenerateClientMessage\x1a\x1a.mss.replica.GenerateReply(\x01\x30\x01\x12\x41\n\x06Health\x12\x1a.mss.replica.HealthRequest\x1a\x1b.mss.replica.HealthResponse\x12G\n\x08Tokenize\x12\x1c.mss.replica.TokenizeRequest\x1a\x1d.mss.replica.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.mss.replica.DetokenizeRequest\x1a\x1f.mss.replica.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.replica_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=38
-  _globals['_GENERATEREQUEST']._serialized_end=289
-  _globals['_CHATMESSAGE']._serialized_start=291
-  _globals['_CHATMESSAGE']._serialized_end=335
-  _globals['_CANCELREQUEST']._serialized_start=337
-  _globals['_CANCELREQUEST']._serialized_end=372
-  _globals['_REQUESTBATCH']._serialized_start=374
-  _globals['_REQUESTBATCH']._serialized_end=442
-  _globals['_GENERATECLIENTMESSAGE']._serialized_start=445
-  _globals['_GENERATECLIENTMESSAGE']._serialized_end=615
-  _globals['_REQUESTERROR']._serialized_start=617
-  _globals['_REQUESTERROR']._serialized_end=662
-  _globals['_REQUESTDELTA']._serialized_start=665
-  _globals['_REQUESTDELTA']._serialized_end=848
-  _globals['_LOAD']._serialized_start=850
-  _globals['_LOAD']._serialized_end=956
-  _globals['_GENERATEREPLY']._serialized_start=958
-  _globals['_GENERATEREPLY']._serialized_end=1049
-  _globals['_HEALTHREQUEST']._serialized_start=1051
-  _globals['_HEALTHREQUEST']._serialized_end=1066
-  _globals['_HEALTHRESPONSE']._serialized_start=1069
-  _globals['_HEALTHRESPONSE']._serialized_end=1209
-  _globals['_REPLICA']._serialized_start=1212
-  _globals['_REPLICA']._serialized_end=1368
+  _globals['_GENERATEREQUEST']._serialized_end=291
+  _globals['_CHATTEMPLATEOPTIONS']._serialized_start=294
+  _globals['_CHATTEMPLATEOPTIONS']._serialized_end=430
+  _globals['_SAMPLINGPARAMS']._serialized_start=433
+  _globals['_SAMPLINGPARAMS']._serialized_end=1303
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1043
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1091
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1306
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1582
+  _globals['_CHOICELIST']._serialized_start=1584
+  _globals['_CHOICELIST']._serialized_end=1613
+  _globals['_CHATMESSAGE']._serialized_start=1616
+  _globals['_CHATMESSAGE']._serialized_end=1746
+  _globals['_CANCELREQUEST']._serialized_start=1748
+  _globals['_CANCELREQUEST']._serialized_end=1783
+  _globals['_REQUESTBATCH']._serialized_start=1785
+  _globals['_REQUESTBATCH']._serialized_end=1853
+  _globals['_GENERATECLIENTMESSAGE']._serialized_start=1856
+  _globals['_GENERATECLIENTMESSAGE']._serialized_end=2026
+  _globals['_REQUESTERROR']._serialized_start=2028
+  _globals['_REQUESTERROR']._serialized_end=2073
+  _globals['_REQUESTDELTA']._serialized_start=2076
+  _globals['_REQUESTDELTA']._serialized_end=2437
+  _globals['_TOKENLOGPROB']._serialized_start=2440
+  _globals['_TOKENLOGPROB']._serialized_end=2577
+  _globals['_TOPLOGPROB']._serialized_start=2579
+  _globals['_TOPLOGPROB']._serialized_end=2655
+  _globals['_LOAD']._serialized_start=2657
+  _globals['_LOAD']._serialized_end=2763
+  _globals['_GENERATEREPLY']._serialized_start=2765
+  _globals['_GENERATEREPLY']._serialized_end=2856
+  _globals['_HEALTHREQUEST']._serialized_start=2858
+  _globals['_HEALTHREQUEST']._serialized_end=2873
+  _globals['_HEALTHRESPONSE']._serialized_start=2876
+  _globals['_HEALTHRESPONSE']._serialized_end=3016
+  _globals['_TOKENIZEREQUEST']._serialized_start=3019
+  _globals['_TOKENIZEREQUEST']._serialized_end=3256
+  _globals['_TOKENIZERESPONSE']._serialized_start=3258
+  _globals['_TOKENIZERESPONSE']._serialized_end=3335
+  _globals['_DETOKENIZEREQUEST']._serialized_start=3337
+  _globals['_DETOKENIZEREQUEST']._serialized_end=3372
+  _globals['_DETOKENIZERESPONSE']._serialized_start=3374
+  _globals['_DETOKENIZERESPONSE']._serialized_end=3410
+  _globals['_REPLICA']._serialized_start=3413
+  _globals['_REPLICA']._serialized_end=3721
 # @@protoc_insertion_point(module_scope)

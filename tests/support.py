@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import httpx
 from mss.config import Deployment
 from mss.processes import free_port
 from protos import replica_pb2, replica_pb2_grpc
-from replica.engine import Delta, Messages, Prepared
+from replica.engine import Delta, Prepared, PromptSource
 from replica.fake_engine import FakeEngine
 
 __all__ = ["free_port"]
@@ -197,6 +197,20 @@ def start_gateway(
     raise TimeoutError(f"gateway not {path} after {timeout} s:\n{proc.log()[-3000:]}")
 
 
+@contextlib.contextmanager
+def fake_stack(model: str, config: str | None = None) -> Iterator[tuple[Proc, Proc]]:
+    """A fake-engine replica behind `mss gateway` (static route), stopped on exit."""
+    replica = start_replica(token_interval_ms=2)
+    gateway = None
+    try:
+        gateway = start_gateway([(model, replica.address)], config=config)
+        yield replica, gateway
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        replica.stop()
+
+
 def sse_events(text: str) -> list[tuple[str | None, dict[str, object] | str]]:
     """(event name, data) per event, parsed the way an SSE client does."""
     out: list[tuple[str | None, dict[str, object] | str]] = []
@@ -217,6 +231,8 @@ def sse_events(text: str) -> list[tuple[str | None, dict[str, object] | str]]:
 
 @dataclass
 class Result:
+    """One request's deltas gathered; `text` and `finish_reason` are choice 0's."""
+
     text: str = ""
     finish_reason: str = ""
     prompt_tokens: int = 0
@@ -226,6 +242,39 @@ class Result:
     deltas: int = 0
     tokens: int = 0
     loads: list[replica_pb2.Load] = field(default_factory=list)
+    texts: dict[int, str] = field(default_factory=dict)
+    """Each choice's text, by index."""
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    stop_reasons: dict[int, str] = field(default_factory=dict)
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[replica_pb2.TokenLogprob]] = field(default_factory=dict)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[replica_pb2.TokenLogprob] = field(default_factory=list)
+    all_deltas: list[replica_pb2.RequestDelta] = field(default_factory=list)
+
+    def add(self, delta: replica_pb2.RequestDelta) -> None:
+        i = delta.index
+        self.all_deltas.append(delta)
+        self.deltas += 1
+        self.tokens += delta.num_tokens
+        self.texts[i] = self.texts.get(i, "") + delta.text
+        self.token_ids.setdefault(i, []).extend(delta.token_ids)
+        self.logprobs.setdefault(i, []).extend(delta.logprobs)
+        self.prompt_token_ids.extend(delta.prompt_token_ids)
+        self.prompt_logprobs.extend(delta.prompt_logprobs)
+        if delta.finish_reason:
+            self.finish_reasons[i] = delta.finish_reason
+            if delta.stop_reason:
+                self.stop_reasons[i] = delta.stop_reason
+        self.text = self.texts.get(0, "")
+        self.finish_reason = self.finish_reasons.get(0, delta.finish_reason)
+        if delta.prompt_tokens or delta.completion_tokens:
+            self.prompt_tokens = delta.prompt_tokens
+            self.completion_tokens = delta.completion_tokens
+        if delta.error.code:
+            self.error_code = delta.error.code
+            self.error_message = delta.error.message
+            self.finish_reason = delta.finish_reason
 
 
 class StreamClient:
@@ -267,20 +316,15 @@ class StreamClient:
         )
 
     async def run(self, request: replica_pb2.GenerateRequest, timeout: float = 120) -> Result:
+        """Send `request` and gather its deltas until all its choices finish (or it fails)."""
         queue = self.send(request)
         result = Result()
+        choices = request.sampling.n or 1
         async with asyncio.timeout(timeout):
             while True:
                 delta = await queue.get()
-                result.text += delta.text
-                result.deltas += 1
-                result.tokens += delta.num_tokens
-                if delta.finish_reason:
-                    result.finish_reason = delta.finish_reason
-                    result.prompt_tokens = delta.prompt_tokens
-                    result.completion_tokens = delta.completion_tokens
-                    result.error_code = delta.error.code
-                    result.error_message = delta.error.message
+                result.add(delta)
+                if delta.error.code or len(result.finish_reasons) == choices:
                     return result
 
     async def health(self) -> replica_pb2.HealthResponse:
@@ -295,11 +339,21 @@ class StreamClient:
         await self.channel.close()
 
 
-def chat(request_id: str, content: str, **kwargs: object) -> replica_pb2.GenerateRequest:
+def chat(request_id: str, content: str, **sampling: object) -> replica_pb2.GenerateRequest:
+    """One user message; keyword arguments are `SamplingParams` fields."""
     return replica_pb2.GenerateRequest(
         request_id=request_id,
         messages=[replica_pb2.ChatMessage(role="user", content=content)],
-        **kwargs,  # type: ignore[arg-type]
+        sampling=replica_pb2.SamplingParams(**sampling),  # type: ignore[arg-type]
+    )
+
+
+def completion(request_id: str, prompt: str, **sampling: object) -> replica_pb2.GenerateRequest:
+    """A plain prompt; keyword arguments are `SamplingParams` fields."""
+    return replica_pb2.GenerateRequest(
+        request_id=request_id,
+        prompt=prompt,
+        sampling=replica_pb2.SamplingParams(**sampling),  # type: ignore[arg-type]
     )
 
 
@@ -325,13 +379,13 @@ class RecordingEngine(FakeEngine):
         self.streaming = asyncio.Event()
         """Set when a request reaches the engine."""
 
-    def _tokenize(self, messages: Messages, prompt: str) -> tuple[str, list[int]]:
+    def _tokenize(self, source: PromptSource) -> tuple[str, list[int]]:
         self.tokenized_on.append(threading.get_ident())
-        if prompt.startswith("slow"):
+        if source.prompt.startswith("slow"):
             self.tokenizing.set()
             time.sleep(0.2)
-        self.tokenized.append(prompt)
-        return super()._tokenize(messages, prompt)
+        self.tokenized.append(source.prompt)
+        return super()._tokenize(source)
 
     async def _stream(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:
         async with contextlib.aclosing(super()._stream(prepared)) as deltas:

@@ -10,11 +10,12 @@ import pytest
 
 from protos import replica_pb2
 from replica.engine import InvalidRequest
-from tests.support import RecordingEngine
+from replica.fake_engine import id_for
+from tests.support import RecordingEngine, chat, completion
 
 
 def request(rid: str, prompt: str = "hello there world") -> replica_pb2.GenerateRequest:
-    return replica_pb2.GenerateRequest(request_id=rid, prompt=prompt, max_tokens=6)
+    return completion(rid, prompt, max_tokens=6)
 
 
 async def started(token_interval_ms: float = 0.0) -> RecordingEngine:
@@ -30,14 +31,11 @@ async def test_fake_engine_text_is_deterministic_as_before() -> None:
         deltas = [d async for d in engine.generate(prepared)]
         assert "".join(d.text for d in deltas) == "while streams of tokens flow through"
         assert (deltas[-1].finish_reason, deltas[-1].prompt_tokens) == ("length", 3)
-        chat = replica_pb2.GenerateRequest(
-            request_id="b",
-            messages=[replica_pb2.ChatMessage(role="user", content="What is the capital?")],
-            max_tokens=5,
-        )
-        prepared = await engine.prepare(chat, "1-b")
+        prepared = await engine.prepare(chat("b", "What is the capital?", max_tokens=5), "1-b")
         assert prepared.prompt_text == "user: What is the capital?"
-        assert prepared.prompt_token_ids == [5, 4, 2, 3, 8]
+        # One id per word: "the" is in the fake vocabulary (id 0), the others are hashed.
+        assert prepared.prompt_token_ids == [id_for(w) for w in prepared.prompt_text.split()]
+        assert prepared.prompt_token_ids[3] == 0
     finally:
         await engine.shutdown()
 
@@ -79,14 +77,15 @@ async def test_requests_are_tokenized_in_arrival_order() -> None:
     [
         ({"prompt": ""}, "prompt"),
         ({"prompt": "word " * 3000}, "prompt"),
-        ({"prompt": "hi", "temperature": -1.0}, "temperature"),
-        ({"messages": [replica_pb2.ChatMessage(role="robot", content="hi")]}, "messages[0].role"),
+        ({"prompt": "hi", "sampling": {"max_tokens": 4, "temperature": -1.0}}, "temperature"),
+        ({"messages": [replica_pb2.ChatMessage(role="", content="hi")]}, "messages[0].role"),
     ],
 )
 async def test_invalid_requests_name_the_field(fields: dict[str, object], field_name: str) -> None:
     engine = await started()
     try:
-        bad = replica_pb2.GenerateRequest(request_id="x", max_tokens=4, **fields)  # type: ignore[arg-type]
+        fields = {"sampling": {"max_tokens": 4}, **fields}
+        bad = replica_pb2.GenerateRequest(request_id="x", **fields)  # type: ignore[arg-type]
         with pytest.raises(InvalidRequest) as refused:
             await engine.prepare(bad, "1-x")
         assert str(refused.value).startswith(f"{field_name}:"), refused.value

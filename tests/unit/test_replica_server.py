@@ -12,11 +12,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 from prometheus_client import REGISTRY
 
 from protos import replica_pb2
 from replica.server import ReplicaService
-from tests.support import RecordingEngine
+from tests.support import RecordingEngine, completion
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 Message = replica_pb2.GenerateClientMessage
@@ -61,9 +62,7 @@ class Client:
 
 
 def generate(rid: str, prompt: str, max_tokens: int = 5) -> Message:
-    return Message(
-        request=replica_pb2.GenerateRequest(request_id=rid, prompt=prompt, max_tokens=max_tokens)
-    )
+    return Message(request=completion(rid, prompt, max_tokens=max_tokens))
 
 
 def outcomes(model: str, outcome: str) -> float:
@@ -151,4 +150,49 @@ async def test_a_refusal_after_tokenizing_gives_back_its_slot() -> None:
         assert outcomes("echo", "error") == errors_before
     finally:
         await client.close()
+        await engine.shutdown()
+
+
+class Aborted(Exception):
+    """What `FakeContext.abort` raises, as gRPC's context does, with the status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+
+
+class FakeContext:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+async def test_tokenize_and_detokenize_answer_once_loaded() -> None:
+    service, engine = await serving()
+    context = FakeContext()
+    try:
+        tokens = await service.Tokenize(
+            replica_pb2.TokenizeRequest(prompt="the quick fox"),
+            context,  # type: ignore[arg-type]
+        )
+        assert list(tokens.tokens) == [0, 1, 3] and tokens.max_model_len == 2048
+        text = await service.Detokenize(
+            replica_pb2.DetokenizeRequest(tokens=tokens.tokens),
+            context,  # type: ignore[arg-type]
+        )
+        assert text.prompt == "the quick fox"
+        with pytest.raises(Aborted) as refused:
+            await service.Detokenize(
+                replica_pb2.DetokenizeRequest(tokens=[-1]),
+                context,  # type: ignore[arg-type]
+            )
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(refused.value).startswith("tokens:")
+        service.ready = False
+        with pytest.raises(Aborted) as loading:
+            await service.Tokenize(
+                replica_pb2.TokenizeRequest(prompt="x"),
+                context,  # type: ignore[arg-type]
+            )
+        assert loading.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
         await engine.shutdown()
