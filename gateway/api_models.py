@@ -1,13 +1,16 @@
 """Request bodies the gateway accepts, validated once and turned into one plain record.
 
+This module holds what the three generation routes share: the sampling fields
+and their conversion to the replica's `SamplingParams` message, chat messages,
+the `GenerationInput` record every parser produces, and the seed route's own
+body (`/v1/chat/{model}`). The OpenAI bodies are in `gateway.openai_requests`.
+
 The same pydantic models validate the bodies and describe them in the OpenAPI
 document, so the document says exactly what the routes accept. Validation is
 strict (no string-to-number coercion, booleans are not numbers) and every
-refusal names the field, the reason and the value given.
-
-Assumptions: the seed route `/v1/chat/{model}` refuses unknown fields; the
-OpenAI routes ignore fields they do not use (clients send many defaults) but
-refuse settings they cannot honour (`n` above 1, `echo`, `logprobs`...).
+refusal is a 400 that names the field, the reason and the value given.
+Bounds follow vLLM's server (`temperature` in [0, 2], at most 4 stop
+strings, penalties in [-2, 2]...), so the same bad input gets the same status.
 """
 
 from __future__ import annotations
@@ -19,49 +22,85 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import ApiError
+from protos import replica_pb2
 
-MAX_STOP = 16
+MAX_STOP = 4
+"""Stop strings per request: vLLM's server default (`VLLM_MAX_STOP_STRINGS`)."""
+MAX_LOGPROBS = 20
+"""Alternatives per token: vLLM's default `max_logprobs`."""
+MAX_N = 64
+"""Choices per request (vLLM allows more; a CPU replica cannot run them usefully)."""
+INT64 = 2**63
 
 
-class TextPart(BaseModel):
-    """One text part of a message's content (OpenAI's list form)."""
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class MessageToolCall(BaseModel):
+    """A tool call an earlier assistant turn made (OpenAI's `tool_calls` entries)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
-    text: str
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(BaseModel):
-    """One chat message; `developer` is read as `system`."""
+    """One chat message. Text content only: a string or a list of `{"type": "text"}` parts.
+
+    Fields an OpenAI client echoes back from a response (`refusal`,
+    `annotations`...) are ignored; `audio` and `function_call` are refused.
+    """
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: str = Field(min_length=1, max_length=64)
+    """`system`, `developer`, `user`, `assistant`, `tool`, or any role the model's chat
+    template knows (vLLM's server renders custom roles too)."""
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    include_usage: bool = False
-    """Send a last chunk with the token counts before `[DONE]`."""
+class SamplingFields(BaseModel):
+    """The sampling fields every generation route accepts (vLLM's names and bounds)."""
 
-
-class _Sampling(BaseModel):
     model_config = ConfigDict(strict=True)
     max_tokens: int | None = Field(None, ge=1, le=1_048_576)
     """Most tokens to generate; at most the model's configured limit (its default too)."""
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = Field(None)
-    """Up to 16 strings that end the output when generated."""
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    top_k: int | None = Field(None, ge=-1)
+    """0 or -1: no top-k."""
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=1e6)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: str | list[str] | None = None
+    """Up to 4 strings that end the output when generated."""
+    stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100] added to its logit."""
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
-class SeedChatRequest(_Sampling):
-    """Body of `POST /v1/chat/{model}` when sent as JSON (text/plain bodies are the prompt)."""
+class SeedChatRequest(SamplingFields):
+    """Body of `POST /v1/chat/{model}` as JSON (a text/plain body is the user's message)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=4096)
     prompt: str | None = Field(None, min_length=1)
+    """A raw prompt, sent to the model as is (no chat template)."""
     stream: bool = True
     """Server-sent events unless false."""
     session_id: str | None = Field(None, max_length=256)
@@ -69,35 +108,30 @@ class SeedChatRequest(_Sampling):
     user: str | None = Field(None, max_length=256)
 
 
-class ChatCompletionRequest(_Sampling):
-    """Body of `POST /v1/chat/completions` (OpenAI)."""
+@dataclass(slots=True)
+class OutputOptions:
+    """What a response carries beyond text: set only when a request asks for an extra.
 
-    model_config = ConfigDict(strict=True, extra="ignore")
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    """Only one choice per request is supported."""
-    logprobs: bool | None = None
-    user: str | None = Field(None, max_length=256)
+    A request without any (`GenerationInput.output` None) takes the lean
+    formatters of `gateway.sse`, whose per-token work is one string encode.
+    """
 
-
-class CompletionRequest(_Sampling):
-    """Body of `POST /v1/completions` (OpenAI)."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    model: str = Field(min_length=1)
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1, le=1_048_576)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    echo: bool = False
+    n: int = 1
     logprobs: int | None = None
-    suffix: str | None = None
-    user: str | None = Field(None, max_length=256)
+    """Alternatives per token (chat: `top_logprobs`; completions: `logprobs`); None: no logprobs."""
+    echo: bool = False
+    """Completions: the prompt precedes the text. Chat: `echo_text` does."""
+    echo_text: str = ""
+    tool_choice: Literal["none", "required", "named"] = "none"
+    tool_name: str = ""
+    parallel_tool_calls: bool = True
+    return_token_ids: bool = False
+    tokens_as_ids: bool = False
+    """Logprob tokens as `token_id:N` (vLLM's `return_tokens_as_token_ids`)."""
+    continuous_usage: bool = False
+    """Usage on every chunk (`stream_options.continuous_usage_stats`)."""
+    role: str = "assistant"
+    """The reply's role: the last message's when `add_generation_prompt` is false (vLLM)."""
 
 
 @dataclass(slots=True)
@@ -105,15 +139,23 @@ class GenerationInput:
     """What a route asks the replicas for, whatever the API it came through."""
 
     prompt: str = ""
-    messages: list[tuple[str, str]] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    messages: list[replica_pb2.ChatMessage] = field(default_factory=list)
+    sampling: replica_pb2.SamplingParams = field(default_factory=replica_pb2.SamplingParams)
+    """Everything but max_tokens, which `check_max_tokens` bounds and sets."""
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    """As asked; None takes the model's limit."""
+    max_tokens_param: str = "max_tokens"
+    """The field max_tokens came from, for the error naming it."""
+    tools_json: str = ""
+    chat_template: replica_pb2.ChatTemplateOptions | None = None
     stream: bool = True
     include_usage: bool = False
     session_key: str | None = None
+    request_id: str | None = None
+    """The body's `request_id` (vLLM), used when no X-Request-Id header names one."""
+    output: OutputOptions | None = None
+    """None: plain text out, the lean path."""
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -130,6 +172,14 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return ApiError(400, message, param=where, code="invalid_value")
 
 
+def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    """`model` validated from `data`, or the 400 naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
 def decode_json(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -143,7 +193,7 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _stop(value: str | list[str] | None) -> list[str]:
+def stop_strings(value: str | list[str] | None) -> list[str]:
     stops = [value] if isinstance(value, str) else list(value or [])
     if len(stops) > MAX_STOP:
         raise ApiError(400, f"stop: at most {MAX_STOP} strings, got {len(stops)}", param="stop")
@@ -152,41 +202,137 @@ def _stop(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _messages(messages: list[ChatMessage]) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for m in messages:
-        if isinstance(m.content, list):
-            content = "".join(part.text for part in m.content)
-        else:
-            content = m.content or ""
-        out.append(("system" if m.role == "developer" else m.role, content))
-    if not any(content for _, content in out):
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if token < 0 or token >= 2**31:
+            raise ApiError(400, f"logit_bias: keys are token ids, got {key!r}", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(
+                400,
+                f"logit_bias: {key}: bias must be in [-100, 100], got {value:g}",
+                param="logit_bias",
+            )
+        out[token] = value
+    return out
+
+
+def sampling_message(req: SamplingFields) -> replica_pb2.SamplingParams:
+    """The replica's sampling message for the fields every route shares (max_tokens aside)."""
+    stops = stop_strings(req.stop)
+    if req.max_tokens is not None and req.min_tokens > req.max_tokens:
+        raise ApiError(
+            400,
+            f"min_tokens: must be at most max_tokens={req.max_tokens}, got {req.min_tokens}",
+            param="min_tokens",
+        )
+    sampling = replica_pb2.SamplingParams(
+        min_tokens=req.min_tokens,
+        stop=stops,
+        ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "seed",
+    ):
+        value = getattr(req, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    if req.stop_token_ids:
+        if any(not 0 <= t < 2**31 for t in req.stop_token_ids):
+            raise ApiError(
+                400, "stop_token_ids: token ids must be non-negative", param="stop_token_ids"
+            )
+        sampling.stop_token_ids.extend(req.stop_token_ids)
+    if req.logit_bias:
+        sampling.logit_bias.update(_logit_bias(req.logit_bias))
+    if not req.skip_special_tokens:
+        sampling.skip_special_tokens = False
+    if not req.spaces_between_special_tokens:
+        sampling.spaces_between_special_tokens = False
+    return sampling
+
+
+def _content(message: ChatMessage, where: str) -> str:
+    content = message.content
+    if not isinstance(content, list):
+        return content or ""
+    texts: list[str] = []
+    for i, part in enumerate(content):
+        kind = part.get("type")
+        text = part.get("text")
+        if kind != "text" or not isinstance(text, str):
+            raise ApiError(
+                400,
+                f"{where}.content.{i}: only text parts ({{'type': 'text', 'text': ...}}) are "
+                f"supported, got type {kind!r}",
+                param=f"{where}.content",
+            )
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[replica_pb2.ChatMessage]:
+    """The wire form of chat messages; 400 naming the message for what cannot be sent."""
+    out: list[replica_pb2.ChatMessage] = []
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        for name in ("audio", "function_call"):
+            if getattr(m, name) is not None:
+                raise ApiError(
+                    400, f"{where}.{name}: not supported; use tool_calls", param=f"{where}.{name}"
+                )
+        wire = replica_pb2.ChatMessage(
+            role=m.role,
+            content=_content(m, where),
+            name=m.name or "",
+            tool_call_id=m.tool_call_id or "",
+            content_is_null=m.content is None,
+        )
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise ApiError(
+                    400,
+                    f"{where}.tool_calls: only assistant messages carry tool calls",
+                    param=f"{where}.tool_calls",
+                )
+            wire.tool_calls_json = orjson.dumps([c.model_dump() for c in m.tool_calls]).decode()
+        out.append(wire)
+    if not any(m.content or m.tool_calls_json for m in out):
         raise ApiError(400, "messages: every message is empty", param="messages")
     return out
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+def user_message(text: str) -> list[replica_pb2.ChatMessage]:
+    return [replica_pb2.ChatMessage(role="user", content=text)]
 
 
 def parse_seed_text(body: bytes, session_key: str | None) -> GenerationInput:
-    """A text/plain body: the whole body is the prompt, streamed back."""
+    """A text/plain body: the whole body is the user's message, rendered with the chat template."""
     try:
-        prompt = body.decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(
             400, "body: text/plain body is not valid UTF-8", code="invalid_text"
         ) from None
-    if not prompt.strip():
-        raise ApiError(400, "body: the prompt is empty", param="prompt")
-    return GenerationInput(prompt=prompt, session_key=session_key)
+    if not text.strip():
+        raise ApiError(400, "body: the message is empty", param="body")
+    return GenerationInput(messages=user_message(text), session_key=session_key)
 
 
 def parse_seed_json(data: dict[str, Any], session_key: str | None) -> GenerationInput:
-    req: SeedChatRequest = _validate(SeedChatRequest, data)
+    req: SeedChatRequest = validate(SeedChatRequest, data)
     if (req.prompt is None) == (req.messages is None):
         raise ApiError(
             400,
@@ -196,80 +342,12 @@ def parse_seed_json(data: dict[str, Any], session_key: str | None) -> Generation
         )
     return GenerationInput(
         prompt=req.prompt or "",
-        messages=_messages(req.messages) if req.messages else [],
+        messages=chat_messages(req.messages) if req.messages else [],
+        sampling=sampling_message(req),
         max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=_stop(req.stop),
-        seed=req.seed,
         stream=req.stream,
         include_usage=True,
         session_key=req.session_id or req.user or session_key,
-    )
-
-
-def _stream_options(stream: bool, options: StreamOptions | None) -> bool:
-    if options is None:
-        return False
-    if not stream:
-        raise ApiError(
-            400, "stream_options: only allowed when stream is true", param="stream_options"
-        )
-    return options.include_usage
-
-
-def parse_chat_completion(
-    data: dict[str, Any], session_key: str | None
-) -> tuple[str, GenerationInput]:
-    req: ChatCompletionRequest = _validate(ChatCompletionRequest, data)
-    if req.logprobs:
-        raise ApiError(400, "logprobs: not supported", param="logprobs")
-    max_tokens = (
-        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    )
-    return req.model, GenerationInput(
-        messages=_messages(req.messages),
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=_stop(req.stop),
-        seed=req.seed,
-        stream=req.stream,
-        include_usage=_stream_options(req.stream, req.stream_options),
-        session_key=req.user or session_key,
-    )
-
-
-def parse_completion(data: dict[str, Any], session_key: str | None) -> tuple[str, GenerationInput]:
-    req: CompletionRequest = _validate(CompletionRequest, data)
-    if req.echo:
-        raise ApiError(400, "echo: not supported", param="echo")
-    if req.logprobs is not None:
-        raise ApiError(400, "logprobs: not supported", param="logprobs")
-    if req.suffix:
-        raise ApiError(400, "suffix: not supported", param="suffix")
-    if isinstance(req.prompt, list):
-        if len(req.prompt) != 1:
-            raise ApiError(
-                400,
-                f"prompt: exactly one prompt per request, got {len(req.prompt)}",
-                param="prompt",
-            )
-        prompt = req.prompt[0]
-    else:
-        prompt = req.prompt
-    if not prompt:
-        raise ApiError(400, "prompt: must not be empty", param="prompt")
-    return req.model, GenerationInput(
-        prompt=prompt,
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=_stop(req.stop),
-        seed=req.seed,
-        stream=req.stream,
-        include_usage=_stream_options(req.stream, req.stream_options),
-        session_key=req.user or session_key,
     )
 
 
@@ -278,10 +356,11 @@ def check_max_tokens(inp: GenerationInput, limit: int) -> int:
     if inp.max_tokens is None:
         return limit
     if inp.max_tokens > limit:
+        name = inp.max_tokens_param
         raise ApiError(
             400,
-            f"max_tokens: {inp.max_tokens} is above this model's limit of {limit}",
-            param="max_tokens",
+            f"{name}: {inp.max_tokens} is above this model's limit of {limit}",
+            param=name,
             code="invalid_value",
         )
     return inp.max_tokens
@@ -289,8 +368,12 @@ def check_max_tokens(inp: GenerationInput, limit: int) -> int:
 
 def openapi_schemas() -> dict[str, Any]:
     """Component schemas for the request bodies, refs pointing at components."""
+    from gateway.openai_requests import REQUEST_MODELS
+    from gateway.tokenize_api import TOKENIZE_MODELS
+
     schemas: dict[str, Any] = {}
-    for model in (SeedChatRequest, ChatCompletionRequest, CompletionRequest):
+    models: list[type[BaseModel]] = [SeedChatRequest, *REQUEST_MODELS, *TOKENIZE_MODELS]
+    for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema

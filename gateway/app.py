@@ -8,10 +8,11 @@ crosses no wrapper between the generation loop and the server's `send` (each
 wrapper costs on every chunk of every stream). Everything else, and the
 OpenAPI document that describes all routes, is FastAPI's. The FastAPI routes
 for generation hand over to the same `Gateway.serve`, so the app also works
-mounted without the dispatcher.
+mounted without the dispatcher. `/v1/models`, `/tokenize` and `/detokenize`
+(answered by a ready replica through unary RPCs) are plain FastAPI routes.
 
-Every refusal is OpenAI-shaped JSON with a precise message; no input produces
-a 5xx or a traceback in the response.
+Every refusal is JSON in the error shape of vLLM's server with a precise
+message; no input produces a 5xx or a traceback in the response.
 
 Assumption: `/v1/chat/completions` is matched before `/v1/chat/{model}`, so a
 model named `completions` is reachable only through the OpenAI routes.
@@ -32,8 +33,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import metrics
-from gateway.api_models import openapi_schemas
+from gateway import metrics, tokenize_api
+from gateway.api_models import decode_json, openapi_schemas
 from gateway.errors import ApiError, ErrorBody
 from gateway.gateway import Gateway, GatewayOptions
 from gateway.request_reader import CHAT_ROUTE, COMPLETIONS_ROUTE, SEED_ROUTE
@@ -152,7 +153,8 @@ def create_api(gateway: Gateway) -> FastAPI:
         ref = {"$ref": f"#/components/schemas/{schema}"}
         content: dict[str, Any] = {"application/json": {"schema": ref}}
         if text:
-            content["text/plain"] = {"schema": {"type": "string", "description": "the prompt"}}
+            text_schema = {"type": "string", "description": "the user's message"}
+            content["text/plain"] = {"schema": text_schema}
         return {"requestBody": {"required": True, "content": content}}
 
     @app.post(
@@ -177,7 +179,7 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @app.post(
         SEED_ROUTE,
-        summary="Stream a reply as SSE events {token, finished}; JSON body or text/plain prompt",
+        summary="Stream a reply as SSE events {token, finished}; JSON body or text/plain message",
         responses=responses,
         openapi_extra=body_doc("SeedChatRequest", text=True),
         response_class=Response,
@@ -185,14 +187,94 @@ def create_api(gateway: Gateway) -> FastAPI:
     async def chat(model: str) -> Any:
         return _Generation(gateway, SEED_ROUTE, model)
 
-    @app.get("/v1/models", summary="Models this gateway routes")
+    @app.get("/v1/models", summary="Models this gateway routes (vLLM's model cards)")
     async def list_models(request: Request) -> JSONResponse:
         gateway.check_auth(request)
-        data = [
-            {"id": name, "object": "model", "created": gateway.started, "owned_by": "mss"}
-            for name in sorted(gateway.table.models)
-        ]
+        data = []
+        for name in sorted(gateway.table.models):
+            router = gateway.table.models[name]
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": gateway.started,
+                    "owned_by": "mss",
+                    "root": name,
+                    "parent": None,
+                    "max_model_len": router.max_model_len(),
+                    "permission": [
+                        {
+                            "id": f"modelperm-{name}",
+                            "object": "model_permission",
+                            "created": gateway.started,
+                            "allow_create_engine": False,
+                            "allow_sampling": True,
+                            "allow_logprobs": True,
+                            "allow_search_indices": False,
+                            "allow_view": True,
+                            "allow_fine_tuning": False,
+                            "organization": "*",
+                            "group": None,
+                            "is_blocking": False,
+                        }
+                    ],
+                    "ready_replicas": sum(
+                        1 for s in router.candidates if s.healthy and not s.removed
+                    ),
+                    "max_tokens": router.max_tokens,
+                    "routing": router.strategy_name,
+                }
+            )
         return JSONResponse({"object": "list", "data": data})
+
+    async def _json_body(request: Request) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            raise ApiError(415, f"content-type {ctype!r} is not supported; send application/json")
+        body = await request.body()
+        if len(body) > gateway.settings.max_body_bytes:
+            raise ApiError(
+                413, f"body is over the limit of {gateway.settings.max_body_bytes} bytes"
+            )
+        return decode_json(body)
+
+    @app.post(
+        "/tokenize",
+        summary="Token ids of a prompt or of chat messages rendered with the chat template",
+        responses=error_docs,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/TokenizeCompletionRequest"},
+                                {"$ref": "#/components/schemas/TokenizeChatRequest"},
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def tokenize(request: Request) -> JSONResponse:
+        gateway.check_auth(request)
+        model, req = tokenize_api.tokenize_request(await _json_body(request))
+        router = gateway.router_for(model)
+        return JSONResponse(await tokenize_api.tokenize(router, req))
+
+    @app.post(
+        "/detokenize",
+        summary="The text of token ids",
+        responses=error_docs,
+        openapi_extra=body_doc("DetokenizeRequest"),
+    )
+    async def detokenize(request: Request) -> JSONResponse:
+        gateway.check_auth(request)
+        model, req = tokenize_api.detokenize_request(await _json_body(request))
+        router = gateway.router_for(model)
+        return JSONResponse(await tokenize_api.detokenize(router, req))
 
     @app.get("/health", summary="The process is alive")
     async def health() -> JSONResponse:

@@ -1,10 +1,13 @@
-"""Errors the gateway answers with, all in OpenAI's error JSON shape.
+"""Errors the gateway answers with, all in the error JSON shape of vLLM's OpenAI server.
 
 Every refusal carries a status, a message that names the field and the reason,
-an OpenAI `type`, and optionally the parameter at fault and extra headers
-(`Retry-After`). `error_object` builds that shape for every use: JSON error
-responses here and in the FastAPI handlers, and the `event: error` of a stream
-that fails after it started (`gateway.sse`), so clients parse one shape.
+a `type` named as vLLM's server names it (`BadRequestError`, `NotFoundError`...),
+the parameter at fault, and the status again as `code`, as vLLM sends it;
+optionally extra headers (`Retry-After`). `error_object` builds that shape for
+every use: JSON error responses here and in the FastAPI handlers, and the error
+event of a stream that fails after it started (`gateway.sse`), so clients parse
+one shape. `ApiError.code` is the gateway's own short reason (`capacity`,
+`no_replica`...): it goes to logs and metrics, not into the body.
 """
 
 from __future__ import annotations
@@ -15,32 +18,42 @@ import orjson
 from pydantic import BaseModel
 
 _TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "internal_error",
-    502: "upstream_error",
-    503: "overloaded_error",
-    504: "timeout_error",
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
 }
+"""`type` of an error by status; vLLM's names where its server answers that status."""
 
 
-def error_object(
-    message: str, type_: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+
+
+def error_object(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """The error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it."""
+    return {
+        "error": {"message": message, "type": error_type(status), "param": param, "code": status}
+    }
 
 
 class ErrorDetail(BaseModel):
     message: str
     type: str
+    """`BadRequestError`, `NotFoundError`, `ServiceUnavailableError`... (vLLM's names)."""
     param: str | None = None
-    code: str | None = None
+    """The request field at fault, when one is."""
+    code: int
+    """The HTTP status."""
 
 
 class ErrorBody(BaseModel):
@@ -66,14 +79,15 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        """The gateway's short reason (`capacity`, `no_replica`...), for logs and metrics."""
         self.retry_after = retry_after
 
     @property
     def type(self) -> str:
-        return _TYPES.get(self.status, "invalid_request_error")
+        return error_type(self.status)
 
     def payload(self) -> dict[str, Any]:
-        return error_object(self.message, self.type, self.param, self.code)
+        return error_object(self.message, self.status, self.param)
 
     def body(self) -> bytes:
         return orjson.dumps(self.payload())

@@ -16,6 +16,7 @@ answered and counted in `serve`, and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -30,12 +31,13 @@ from gateway.admission import ClientLimiter
 from gateway.api_models import check_max_tokens
 from gateway.errors import ApiError, send_error
 from gateway.generation import GenerationRequest, GenerationService
-from gateway.request_reader import FORMATS, SEED_ROUTE, parse_body, read_body
+from gateway.request_reader import SEED_ROUTE, make_format, parse_body, read_body
 from gateway.routing_table import ModelRouter, RoutingTable, static_table
 from mss.config import ClusterConfig, GatewaySettings
 
 log = logging.getLogger("gateway")
 
+VERSION = "0.1.0"
 REJECTION_REASONS = {401: "auth", 429: "rate", 503: "capacity"}
 """`mss_gateway_rejections_total` reasons by status; other 4xx are `invalid`."""
 
@@ -141,10 +143,17 @@ class Gateway:
             await asyncio.sleep(1.0)
 
     def router_for(self, model: str) -> ModelRouter:
+        """The model's router; an empty name is the only model when there is one (as vLLM)."""
+        if not model:
+            if len(self.table.models) == 1:
+                return next(iter(self.table.models.values()))
+            raise ApiError(
+                400, "model: required (this gateway serves several models)", param="model"
+            )
         router = self.table.get(model)
         if router is None:
             known = ", ".join(sorted(self.table.models)) or "none"
-            msg = f"model {model!r} not found (known: {known})"
+            msg = f"The model `{model}` does not exist. Valid models: {known}."
             raise ApiError(404, msg, param="model", code="model_not_found")
         return router
 
@@ -183,10 +192,12 @@ class Gateway:
             )
             router = self.router_for(model)
             label = router.name
+            if inp.request_id and "x-request-id" not in http.headers:
+                rid = inp.request_id
             request = GenerationRequest(
                 inp=inp,
                 max_tokens=check_max_tokens(inp, router.max_tokens),
-                fmt=FORMATS[route](rid, router.name, inp.include_usage),
+                fmt=make_format(route, rid, router.name, inp, fingerprint(router)),
                 client_key=f"key:{api_key}" if api_key else _address(http),
             )
             generating = True
@@ -206,6 +217,13 @@ class Gateway:
             await send_error(send, err, (b"x-request-id", rid.encode()))
         metrics.count_request(label, route, status)
         log.debug("%s %s answered %d", route, label, status)
+
+
+def fingerprint(router: ModelRouter) -> str:
+    """`system_fingerprint`: this build and the model's serving settings, as vLLM's
+    `vllm-<version>-<hash8>` names its build and configuration."""
+    key = f"{router.name}|{router.max_model_len()}|{router.max_tokens}".encode()
+    return f"mss-{VERSION}-{hashlib.blake2b(key, digest_size=4).hexdigest()}"
 
 
 def _address(request: Request) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,8 @@ _STATUS_FOR_CODE = {
     status_number(grpc.StatusCode.DEADLINE_EXCEEDED): 504,
 }
 """HTTP status of a replica's gRPC status; any other is 502."""
+_FIELD_RE = re.compile(r"([A-Za-z_][\w.\[\]]*): ")
+"""A replica's refusal names its field first."""
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -68,10 +71,18 @@ class ClientGone(Exception):
 
 
 def replica_error(code: int, message: str) -> ApiError:
-    """The HTTP answer to a replica's failure (gRPC status number `code`) before any output."""
+    """The HTTP answer to a replica's failure (gRPC status number `code`) before any output.
+
+    A refusal's message starts with the field at fault (`logit_bias: ...`), which
+    becomes the error's `param`.
+    """
     status = _STATUS_FOR_CODE.get(code, 502)
     retry_after = 1.0 if status == 503 else None
-    return ApiError(status, message, code=status_name(code), retry_after=retry_after)
+    param = None
+    if status == 400:
+        match = _FIELD_RE.match(message)
+        param = match.group(1) if match else None
+    return ApiError(status, message, param=param, code=status_name(code), retry_after=retry_after)
 
 
 @dataclass(slots=True)
@@ -111,17 +122,18 @@ class Flow:
 def build_request(
     inp: GenerationInput, request_id: str, max_tokens: int
 ) -> replica_pb2.GenerateRequest:
+    """The wire request: the record's prompt or messages and its sampling, max_tokens bounded."""
     req = replica_pb2.GenerateRequest(
-        request_id=request_id, prompt=inp.prompt, max_tokens=max_tokens, stop=inp.stop
+        request_id=request_id,
+        prompt=inp.prompt,
+        prompt_token_ids=inp.prompt_token_ids,
+        messages=inp.messages,
+        sampling=inp.sampling,
+        tools_json=inp.tools_json,
     )
-    for role, content in inp.messages:
-        req.messages.add(role=role, content=content)
-    if inp.temperature is not None:
-        req.temperature = inp.temperature
-    if inp.top_p is not None:
-        req.top_p = inp.top_p
-    if inp.seed is not None:
-        req.seed = inp.seed
+    req.sampling.max_tokens = max_tokens
+    if inp.chat_template is not None:
+        req.chat_template.CopyFrom(inp.chat_template)
     return req
 
 
@@ -180,9 +192,13 @@ class GenerationService:
                 req = build_request(inp, fmt.request_id, request.max_tokens)
                 client, sink = await self._first(router, req, inp.session_key, flow)
                 try:
-                    if inp.stream:
-                        return await self._stream(send, router, sink, fmt, flow, arrived, headers)
-                    return await self._collect(send, router, sink, fmt, flow, arrived, headers)
+                    if not inp.stream:
+                        serve = self._collect
+                    elif fmt.lean:
+                        serve = self._stream
+                    else:
+                        serve = self._stream_rich
+                    return await serve(send, router, sink, fmt, flow, arrived, headers)
                 finally:
                     if not sink.ended:
                         router.metrics.aborts.inc()
@@ -312,11 +328,10 @@ class GenerationService:
         while True:
             finish: replica_pb2.RequestDelta | None = None
             for delta in take():
-                text = delta.text
-                if text:
-                    parts.append(token(text))
                 if delta.finish_reason:
-                    finish = delta
+                    finish = delta  # its text goes out with the finish reason
+                elif delta.text:
+                    parts.append(token(delta.text))
             if finish is not None or sink.overflowed:
                 return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
             if parts:
@@ -358,17 +373,14 @@ class GenerationService:
             if finish is None:
                 message = "the client read too slowly; the request was aborted"
                 log.warning("dropping slow reader: stream buffer full")
-                code = "slow_client"
+                status = 429
             else:
                 message = f"generation failed after output began: {finish.error.message}"
                 log.warning("%s", message)
-                code = "upstream_failed"
-            parts.append(fmt.error(message, code))
+                status = replica_error(finish.error.code, message).status
+            parts.append(fmt.error(message, status))
         else:
-            parts.append(
-                fmt.final(finish.finish_reason, finish.prompt_tokens, finish.completion_tokens)
-            )
-            parts.append(fmt.done)
+            parts.append(fmt.final(finish) if fmt.lean else fmt.end(finish))
             m.prompt_tokens.inc(finish.prompt_tokens)
             m.output_tokens.inc(finish.completion_tokens)
         await self._write(send, flow, b"".join(parts), False)
@@ -376,6 +388,62 @@ class GenerationService:
             raise ClientGone
         m.e2e.observe(loop.time() - arrived)
         return 200
+
+    async def _stream_rich(
+        self,
+        send: Send,
+        router: ModelRouter,
+        sink: RequestSink,
+        fmt: StreamFormat,
+        flow: Flow,
+        arrived: float,
+        headers: list[tuple[bytes, bytes]],
+    ) -> int:
+        """`_stream` for formats that are not lean (n choices, logprobs, tools...).
+
+        Each delta becomes its chunks through `fmt.feed`; the request is over
+        when all n choices finished, or at the first error.
+        """
+        m = router.metrics
+        feed = fmt.feed
+        loop_time = asyncio.get_running_loop().time
+        n = fmt.n
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+        parts: list[bytes] = []
+        last = 0.0
+        while True:
+            finish: replica_pb2.RequestDelta | None = None
+            for delta in sink.take():
+                if delta.finish_reason == "error":
+                    finish = delta
+                    break
+                parts.append(feed(delta))
+                if fmt.finished >= n:
+                    finish = delta
+                    break
+            if finish is not None or sink.overflowed:
+                return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
+            if parts:
+                now = flow.send_started = loop_time()
+                body = b"".join(parts)
+                parts = []
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                except asyncio.CancelledError:
+                    if not _dropped_while_writing(flow):
+                        raise
+                flow.send_started = 0.0
+                if last:
+                    m.itl.observe(now - last)
+                else:
+                    m.ttft.observe(now - arrived)
+                last = now
+            if flow.gone:
+                raise ClientGone
+            if not sink.items and not sink.ended:
+                await sink.arm()
+                if flow.gone:
+                    raise ClientGone
 
     async def _collect(
         self,
@@ -388,24 +456,24 @@ class GenerationService:
         headers: list[tuple[bytes, bytes]],
     ) -> int:
         loop = asyncio.get_running_loop()
-        texts: list[str] = []
         finish: replica_pb2.RequestDelta | None = None
+        n = fmt.n
         while finish is None:
             for delta in sink.take():
-                texts.append(delta.text)
-                if delta.finish_reason:
+                if delta.finish_reason == "error":
                     finish = delta
+                    break
+                fmt.add(delta)
+                if delta.finish_reason and fmt.finished >= n:
+                    finish = delta
+                    break
             if finish is None:
                 if flow.gone:
                     raise ClientGone
                 await sink.wait()
         if finish.finish_reason == "error":
             raise replica_error(finish.error.code, f"generation failed: {finish.error.message}")
-        body = orjson.dumps(
-            fmt.whole(
-                "".join(texts), finish.finish_reason, finish.prompt_tokens, finish.completion_tokens
-            )
-        )
+        body = orjson.dumps(fmt.body(finish))
         m = router.metrics
         m.ttft.observe(loop.time() - arrived)
         m.prompt_tokens.inc(finish.prompt_tokens)

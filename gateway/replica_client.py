@@ -37,6 +37,8 @@ UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
 """The status a replica that cannot take requests answers with, and a broken stream's."""
 PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_DELAY_S = 2.0
+TOKENIZE_TIMEOUT_S = 10.0
+"""Deadline of a Tokenize or Detokenize call (a long chat renders in milliseconds)."""
 
 
 class RequestStream(Protocol):
@@ -50,14 +52,17 @@ class RequestSink:
 
     `push` appends a delta and wakes the waiting handler. When more than `limit`
     deltas wait unread (the client is not reading), the request is cancelled on
-    the replica and the sink is marked overflowed.
+    the replica and the sink is marked overflowed. A request of n choices ends
+    when n deltas with a finish reason arrived, or at once on an error.
     """
 
     __slots__ = (
         "_loop",
         "_waiter",
+        "choices",
         "ended",
         "fresh",
+        "held",
         "items",
         "limit",
         "overflowed",
@@ -65,16 +70,22 @@ class RequestSink:
         "stream",
     )
 
-    def __init__(self, request_id: str, stream: RequestStream, limit: int) -> None:
+    def __init__(
+        self, request_id: str, stream: RequestStream, limit: int, choices: int = 1
+    ) -> None:
         self.request_id = request_id
         self.stream = stream
-        self.limit = limit
+        self.choices = max(1, choices)
+        """Choices still running."""
+        self.limit = limit * self.choices
         self.items: list[replica_pb2.RequestDelta] = []
         self.ended = False
-        """True once the last delta (finish_reason set) arrived or the request was dropped."""
+        """True once the last choice's finish (or an error) arrived, or the request was dropped."""
         self.overflowed = False
         self.fresh = True
         """No delta has arrived yet."""
+        self.held = False
+        """A delta of this request waits in the reader's batch: the next ones wait too."""
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -82,7 +93,9 @@ class RequestSink:
         items = self.items
         items.append(delta)
         if delta.finish_reason:
-            self.ended = True
+            self.choices -= 1
+            if self.choices <= 0 or delta.finish_reason == "error":
+                self.ended = True
         elif len(items) > self.limit and not self.overflowed:
             self.overflowed = True
             self.ended = True
@@ -141,7 +154,7 @@ class GenerateStream:
         if rid in self.pending:
             rid = f"{rid}~{next(self.client.suffixes)}"
             request.request_id = rid
-        sink = RequestSink(rid, self, limit)
+        sink = RequestSink(rid, self, limit, request.sampling.n)
         self.pending[rid] = sink
         self._outbox.append(replica_pb2.GenerateClientMessage(request=request))
         self._wake.set()
@@ -192,24 +205,32 @@ class GenerateStream:
                 # so their handlers run first: with hundreds of streams advancing in one
                 # engine step, time to first token and to the end of a response do not
                 # pay for all the streams in the middle of theirs.
+                # A reply may hold several deltas of one request (its n choices, or
+                # steps the replica coalesced): once one of them waits, the request's
+                # later ones wait behind it, so each request's deltas keep their order.
                 later: list[tuple[RequestSink, replica_pb2.RequestDelta]] = []
                 for delta in reply.deltas:
                     rid = delta.request_id
                     sink = pending.get(rid)
                     if sink is None:
                         continue
-                    if delta.finish_reason:
-                        del pending[rid]
-                        if delta.error.code == UNAVAILABLE:
-                            client.mark_not_ready(delta.error.message)
+                    if sink.held:
+                        later.append((sink, delta))
+                    elif delta.finish_reason:
                         sink.push(delta)
+                        if sink.ended:
+                            self._finished(rid, delta)
                     elif sink.fresh:
                         sink.fresh = False
                         sink.push(delta)
                     else:
+                        sink.held = True
                         later.append((sink, delta))
                 for sink, delta in later:
+                    sink.held = False
                     sink.push(delta)
+                    if delta.finish_reason and sink.ended:
+                        self._finished(delta.request_id, delta)
                 load = reply.load
                 stats.running = load.running
                 stats.waiting = load.waiting
@@ -223,6 +244,12 @@ class GenerateStream:
         self._fail_all(f"replica {client.replica_id} stream failed ({reason})")
         if not client.closing:
             client.transport_failed(reason)
+
+    def _finished(self, request_id: str, delta: replica_pb2.RequestDelta) -> None:
+        """The request's last delta was handed out: forget it (a replica not ready leaves)."""
+        self.pending.pop(request_id, None)
+        if delta.error.code == UNAVAILABLE:
+            self.client.mark_not_ready(delta.error.message)
 
     def _fail_all(self, message: str) -> None:
         self.closed = True
@@ -271,6 +298,8 @@ class ReplicaClient:
         self.replica_id = replica_id
         self.address = address
         self.stats = ReplicaStats(replica_id, healthy=False)
+        self.max_model_len = 0
+        """The model's context length, as the replica's Health last said (0: not known yet)."""
         self.failure_threshold = failure_threshold
         self.failures = 0
         self.closing = False
@@ -317,6 +346,16 @@ class ReplicaClient:
         if not sink.ended:
             sink.ended = True
             sink.stream.cancel(sink.request_id)
+
+    async def tokenize(self, request: replica_pb2.TokenizeRequest) -> replica_pb2.TokenizeResponse:
+        """Tokenize a prompt or chat on the replica; raises grpc.aio.AioRpcError on failure."""
+        return await self.stub.Tokenize(request, timeout=TOKENIZE_TIMEOUT_S)
+
+    async def detokenize(
+        self, request: replica_pb2.DetokenizeRequest
+    ) -> replica_pb2.DetokenizeResponse:
+        """Decode token ids on the replica; raises grpc.aio.AioRpcError on failure."""
+        return await self.stub.Detokenize(request, timeout=TOKENIZE_TIMEOUT_S)
 
     def stream_closed(self, stream: GenerateStream) -> None:
         with contextlib.suppress(ValueError):
@@ -378,6 +417,8 @@ class ReplicaClient:
         self.stats.waiting = load.waiting
         self.stats.kv_cache_usage = load.kv_cache_usage
         self.stats.max_in_flight = load.max_in_flight
+        if resp.max_model_len:
+            self.max_model_len = resp.max_model_len
         if resp.model and resp.model != self.model:
             log.error(
                 "replica at %s serves %r, not %r; keeping it out",

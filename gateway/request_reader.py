@@ -16,24 +16,23 @@ from starlette.requests import Request
 from gateway.api_models import (
     GenerationInput,
     decode_json,
-    parse_chat_completion,
-    parse_completion,
     parse_seed_json,
     parse_seed_text,
 )
 from gateway.errors import ApiError
+from gateway.openai_requests import parse_chat_completion, parse_completion
+from gateway.openai_stream import RichChatFormat, RichCompletionFormat
 from gateway.sse import ChatFormat, CompletionFormat, SeedFormat, StreamFormat
 
 SEED_ROUTE = "/v1/chat/{model}"
-"""The model is in the path; the body is JSON or the prompt as plain text."""
+"""The model is in the path; the body is JSON, or the user's message as plain text."""
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
-FORMATS: dict[str, type[StreamFormat]] = {
-    SEED_ROUTE: SeedFormat,
-    CHAT_ROUTE: ChatFormat,
-    COMPLETIONS_ROUTE: CompletionFormat,
+_LEAN: dict[str, type[StreamFormat]] = {CHAT_ROUTE: ChatFormat, COMPLETIONS_ROUTE: CompletionFormat}
+_RICH: dict[str, type[StreamFormat]] = {
+    CHAT_ROUTE: RichChatFormat,
+    COMPLETIONS_ROUTE: RichCompletionFormat,
 }
-"""How each route writes its answer."""
 _OPENAI_PARSERS: dict[str, Callable[[dict[str, Any], str | None], tuple[str, GenerationInput]]] = {
     CHAT_ROUTE: parse_chat_completion,
     COMPLETIONS_ROUTE: parse_completion,
@@ -62,6 +61,17 @@ async def read_body(request: Request, limit: int, *, allow_text: bool) -> tuple[
     if not ctype:  # no content type: JSON when it looks like it, else the prompt text
         is_json = body.lstrip()[:1] in (b"{", b"[") or not allow_text
     return bytes(body), is_json
+
+
+def make_format(
+    route: str, request_id: str, model: str, inp: GenerationInput, fingerprint: str
+) -> StreamFormat:
+    """How this request's answer is written, chosen once: a streamed OpenAI request that
+    asks for nothing beyond text gets the lean format (least work per token)."""
+    if route == SEED_ROUTE:
+        return SeedFormat(request_id, model, inp, fingerprint)
+    formats = _LEAN if inp.stream and inp.output is None else _RICH
+    return formats[route](request_id, model, inp, fingerprint)
 
 
 def parse_body(

@@ -70,6 +70,16 @@ class ModelRouter:
     def ready(self) -> bool:
         return any(s.healthy and not s.removed for s in self.candidates)
 
+    def max_model_len(self) -> int | None:
+        """The context length the replicas' Health reported (None before any said)."""
+        lengths = [c.max_model_len for c in self.clients.values() if c.max_model_len]
+        return min(lengths) if lengths else None
+
+    def ready_client(self) -> ReplicaClient | None:
+        """A replica in rotation, for unary calls (Tokenize...): the least busy one."""
+        ready = [c for c in self.clients.values() if c.stats.healthy and not c.stats.removed]
+        return min(ready, key=lambda c: c.stats.in_flight) if ready else None
+
     def forget_decision_counters(self) -> None:
         """Strategy changed: count decisions under the new strategy label."""
         self._decisions.clear()

@@ -190,7 +190,7 @@ class ChatUser(User):
                 if resp.status_code != 200:
                     raise StreamError(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 for line in lines(resp):
-                    if line.startswith(b"event: error"):
+                    if line.startswith((b"event: error", b'data: {"error"')):
                         raise StreamError("error event in the stream")
                     if not line.startswith(b"data: "):
                         continue

@@ -1,8 +1,10 @@
 """The gateway's HTTP API against real processes: a fake-engine replica and `mss gateway`.
 
-SSE as curl sees it, the official `openai` package streaming and not, the
-service routes, the OpenAPI document, and every bad-input case answered with a
-precise 4xx JSON error and nothing else.
+SSE as curl sees it (a plain-text body is the user's message), the official
+`openai` package streaming and not, the service routes, the OpenAPI document,
+and every bad-input case answered with a precise 4xx JSON error and nothing
+else. The OpenAI API's extras (n, logprobs, tools...) are in
+test_gateway_openai.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.support import Proc, free_port, sse_events, start_gateway, start_replica
+from tests.support import Proc, fake_stack, free_port, sse_events, start_gateway, start_replica
 
 MODEL = "smollm2"
 MAX_TOKENS = 24
@@ -36,15 +38,8 @@ deployments:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[tuple[Proc, Proc]]:
-    replica = start_replica(token_interval_ms=2)
-    gateway = None
-    try:
-        gateway = start_gateway([(MODEL, replica.address)], config=CONFIG)
-        yield replica, gateway
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        replica.stop()
+    with fake_stack(MODEL, CONFIG) as procs:
+        yield procs
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +71,17 @@ def test_sse_as_curl_sees_it(url: str) -> None:
     last = events[-1][1]
     assert isinstance(last, dict) and last["finished"] is True
     assert last["finish_reason"] == "length"
+    # The body is the user's message, rendered with the chat template: as many prompt
+    # tokens as /tokenize counts for that one message.
+    counted = httpx.post(
+        f"{url}/tokenize",
+        json={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    ).json()["count"]
+    assert counted > 6  # more than the six words sent raw
     assert last["usage"] == {
-        "prompt_tokens": 6,
+        "prompt_tokens": counted,
         "completion_tokens": MAX_TOKENS,
-        "total_tokens": 6 + MAX_TOKENS,
+        "total_tokens": counted + MAX_TOKENS,
     }
     # JSON body, with curl's default content type (what `curl -d` sends) too.
     for extra in (["-H", "Content-Type: application/json"], []):
@@ -186,10 +188,13 @@ def test_health_ready_request_id_metrics(url: str) -> None:
 def test_openapi_document_matches_routes(url: str) -> None:
     doc = httpx.get(f"{url}/openapi.json").json()
     paths = doc["paths"]
-    for path in ("/v1/chat/{model}", "/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/{model}", "/v1/chat/completions", "/v1/completions", "/detokenize"):
         body = paths[path]["post"]["requestBody"]["content"]
         ref = body["application/json"]["schema"]["$ref"]
         assert ref.split("/")[-1] in doc["components"]["schemas"]
+    variants = paths["/tokenize"]["post"]["requestBody"]["content"]["application/json"]
+    for variant in variants["schema"]["oneOf"]:
+        assert variant["$ref"].split("/")[-1] in doc["components"]["schemas"]
     assert "text/plain" in paths["/v1/chat/{model}"]["post"]["requestBody"]["content"]
     assert "get" in paths["/v1/models"] and "get" in paths["/ready"]
     schemas = doc["components"]["schemas"]
@@ -299,13 +304,59 @@ BAD_INPUTS: list[tuple[str, str, str, dict[str, str], bytes, int, str]] = [
         "max_tokens",
     ),
     (
-        "n above one",
+        "n too large",
         "POST",
         "/v1/chat/completions",
         {"content-type": "application/json"},
-        b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 3}',
+        b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 1000}',
         400,
         "n:",
+    ),
+    (
+        "unknown openai field",
+        "POST",
+        "/v1/chat/completions",
+        {"content-type": "application/json"},
+        b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temprature": 0}',
+        400,
+        "temprature: unknown field",
+    ),
+    (
+        "refused field",
+        "POST",
+        "/v1/completions",
+        {"content-type": "application/json"},
+        b'{"model": "smollm2", "prompt": "x", "use_beam_search": true}',
+        400,
+        "use_beam_search:",
+    ),
+    (
+        "auto tool choice",
+        "POST",
+        "/v1/chat/completions",
+        {"content-type": "application/json"},
+        b'{"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "tools": '
+        b'[{"type": "function", "function": {"name": "f"}}]}',
+        400,
+        "tool_choice:",
+    ),
+    (
+        "detokenize bad id",
+        "POST",
+        "/detokenize",
+        {"content-type": "application/json"},
+        b'{"model": "smollm2", "tokens": [-1]}',
+        400,
+        "tokens",
+    ),
+    (
+        "tokenize unknown model",
+        "POST",
+        "/tokenize",
+        {"content-type": "application/json"},
+        b'{"model": "nomodel", "prompt": "x"}',
+        404,
+        "nomodel",
     ),
     (
         "bad role",
@@ -390,7 +441,7 @@ def test_bad_input_gets_a_precise_4xx(
     assert "Traceback" not in r.text
     err = r.json()["error"]
     assert text in err["message"], err
-    assert set(err) == {"message", "type", "param", "code"}
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
     if status == 405:
         assert "POST" in r.headers["allow"]
 
@@ -416,7 +467,9 @@ def test_replica_refusal_before_output_is_a_4xx(url: str) -> None:
         timeout=10,
     )
     assert r.status_code == 400, r.text
-    assert "above the context of 2048 tokens" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert "the context of 2048 tokens" in error["message"]
+    assert error["param"] in ("prompt", "max_tokens")  # the replica's refusal names its field
 
 
 def test_not_ready_without_a_replica() -> None:

@@ -11,8 +11,6 @@ from gateway.api_models import (
     check_max_tokens,
     decode_json,
     openapi_schemas,
-    parse_chat_completion,
-    parse_completion,
     parse_seed_json,
     parse_seed_text,
 )
@@ -26,19 +24,46 @@ def bad(fn: Any, *args: Any) -> ApiError:
     return err.value
 
 
-def test_seed_text_and_json() -> None:
+def test_seed_text_is_the_users_message_and_json_has_the_sampling_fields() -> None:
     inp = parse_seed_text(b"What is the capital of France?", "sess")
-    assert (
-        inp.prompt == "What is the capital of France?" and inp.stream and inp.session_key == "sess"
-    )
+    assert not inp.prompt and inp.stream and inp.session_key == "sess"
+    assert [(m.role, m.content) for m in inp.messages] == [
+        ("user", "What is the capital of France?")
+    ]  # rendered with the chat template on the replica, not sent raw
     inp = parse_seed_json(
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": False}, None
     )
-    assert inp.messages == [("user", "hi")] and inp.max_tokens == 5 and not inp.stream
+    assert [(m.role, m.content) for m in inp.messages] == [("user", "hi")]
+    assert inp.max_tokens == 5 and not inp.stream and inp.output is None
     inp = parse_seed_json(
-        {"prompt": "x", "stop": "END", "temperature": 0, "session_id": "s1"}, None
+        {
+            "prompt": "x",
+            "stop": "END",
+            "temperature": 0,
+            "session_id": "s1",
+            "top_k": 5,
+            "min_p": 0.1,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "repetition_penalty": 1.2,
+            "seed": 7,
+            "stop_token_ids": [2],
+            "logit_bias": {"13": -100},
+            "min_tokens": 2,
+            "ignore_eos": True,
+            "include_stop_str_in_output": True,
+            "skip_special_tokens": False,
+        },
+        None,
     )
-    assert inp.stop == ["END"] and inp.temperature == 0 and inp.session_key == "s1"
+    s = inp.sampling
+    assert inp.prompt == "x" and list(s.stop) == ["END"] and inp.session_key == "s1"
+    assert s.HasField("temperature") and s.temperature == 0
+    assert (s.top_k, s.seed, list(s.stop_token_ids), dict(s.logit_bias)) == (5, 7, [2], {13: -100})
+    assert abs(s.min_p - 0.1) < 1e-6 and abs(s.repetition_penalty - 1.2) < 1e-6
+    assert (s.presence_penalty, s.frequency_penalty, s.min_tokens) == (0.5, -0.5, 2)
+    assert s.ignore_eos and s.include_stop_str_in_output and not s.skip_special_tokens
+    assert not parse_seed_json({"prompt": "x"}, None).sampling.HasField("temperature")
 
 
 def test_seed_refusals_name_the_field() -> None:
@@ -55,71 +80,35 @@ def test_seed_refusals_name_the_field() -> None:
     assert bad(parse_seed_json, {"prompt": "a", "max_tokens": 0}, None).param == "max_tokens"
     assert bad(parse_seed_json, {"prompt": "a", "temperature": 3}, None).param == "temperature"
     assert bad(parse_seed_json, {"prompt": "a", "top_p": 0}, None).param == "top_p"
+    assert bad(parse_seed_json, {"prompt": "a", "presence_penalty": 3}, None).param == (
+        "presence_penalty"
+    )
+    assert bad(parse_seed_json, {"prompt": "a", "logit_bias": {"x": 1}}, None).param == (
+        "logit_bias"
+    )
+    assert bad(parse_seed_json, {"prompt": "a", "logit_bias": {"1": 101}}, None).param == (
+        "logit_bias"
+    )
+    err = bad(parse_seed_json, {"prompt": "a", "min_tokens": 5, "max_tokens": 2}, None)
+    assert err.param == "min_tokens"
     assert bad(parse_seed_json, {"prompt": 5}, None).param == "prompt"
     assert bad(parse_seed_json, {"prompt": "a", "color": 1}, None).message == "color: unknown field"
+    assert bad(parse_seed_json, {"prompt": "a", "n": 2}, None).message == "n: unknown field"
     assert bad(parse_seed_json, {"messages": []}, None).param == "messages"
-    err = bad(parse_seed_json, {"messages": [{"role": "wizard", "content": "x"}]}, None)
+    err = bad(parse_seed_json, {"messages": [{"role": "", "content": "x"}]}, None)
     assert err.param == "messages.0.role"
+    # Any other role goes to the chat template, as vLLM's server does.
+    custom = parse_seed_json({"messages": [{"role": "wizard", "content": "x"}]}, None)
+    assert [m.role for m in custom.messages] == ["wizard"]
     assert (
         "every message is empty"
         in bad(parse_seed_json, {"messages": [{"role": "user", "content": ""}]}, None).message
     )
-    assert "at most 16" in bad(parse_seed_json, {"prompt": "a", "stop": ["x"] * 17}, None).message
+    assert "at most 4" in bad(parse_seed_json, {"prompt": "a", "stop": ["x"] * 5}, None).message
     assert "must not be empty" in bad(parse_seed_json, {"prompt": "a", "stop": [""]}, None).message
-
-
-def test_openai_chat() -> None:
-    model, inp = parse_chat_completion(
-        {
-            "model": "m",
-            "messages": [
-                {"role": "developer", "content": "be brief"},
-                {
-                    "role": "user",
-                    "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}],
-                },
-            ],
-            "max_completion_tokens": 7,
-            "max_tokens": 99,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "user": "u1",
-            "presence_penalty": 0,  # ignored, as OpenAI clients send defaults
-        },
-        None,
-    )
-    assert model == "m"
-    assert inp.messages == [("system", "be brief"), ("user", "hello")]
-    assert inp.max_tokens == 7 and inp.stream and inp.include_usage and inp.session_key == "u1"
-    _, inp = parse_chat_completion(
-        {"model": "m", "messages": [{"role": "user", "content": "x"}]}, None
-    )
-    assert not inp.stream and inp.max_tokens is None
-
-
-def test_openai_chat_refusals() -> None:
-    msg = [{"role": "user", "content": "x"}]
-    assert bad(parse_chat_completion, {"messages": msg}, None).param == "model"
-    assert bad(parse_chat_completion, {"model": "m"}, None).param == "messages"
-    assert bad(parse_chat_completion, {"model": "m", "messages": msg, "n": 2}, None).param == "n"
-    err = bad(
-        parse_chat_completion,
-        {"model": "m", "messages": msg, "stream_options": {"include_usage": True}},
-        None,
-    )
-    assert err.param == "stream_options"
-    assert bad(parse_chat_completion, {"model": "m", "messages": msg, "logprobs": True}, None)
-
-
-def test_openai_completion() -> None:
-    model, inp = parse_completion({"model": "m", "prompt": ["once upon"]}, None)
-    assert model == "m" and inp.prompt == "once upon" and inp.max_tokens == 16
-    assert bad(parse_completion, {"model": "m", "prompt": ["a", "b"]}, None).param == "prompt"
-    assert bad(parse_completion, {"model": "m", "prompt": ""}, None).param == "prompt"
-    assert bad(parse_completion, {"model": "m", "prompt": "a", "echo": True}, None).param == "echo"
-    assert str(bad(parse_completion, {"model": "m", "prompt": [1, 2]}, None).param).startswith(
-        "prompt"
-    )
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    err = bad(parse_seed_json, {"messages": [image]}, None)
+    assert err.param == "messages.0.content" and "image_url" in err.message
 
 
 def test_max_tokens_against_the_model_limit() -> None:
@@ -127,6 +116,8 @@ def test_max_tokens_against_the_model_limit() -> None:
     assert check_max_tokens(GenerationInput(prompt="a", max_tokens=10), 64) == 10
     err = bad(check_max_tokens, GenerationInput(prompt="a", max_tokens=65), 64)
     assert "above this model's limit of 64" in err.message
+    named = GenerationInput(prompt="a", max_tokens=65, max_tokens_param="max_completion_tokens")
+    assert bad(check_max_tokens, named, 64).param == "max_completion_tokens"
 
 
 def test_openapi_schemas_describe_the_accepted_fields() -> None:
@@ -137,6 +128,8 @@ def test_openapi_schemas_describe_the_accepted_fields() -> None:
     )
     assert schemas["SeedChatRequest"].get("additionalProperties") is False
     chat = schemas["ChatCompletionRequest"]
-    assert set(chat["required"]) == {"model", "messages"}
+    assert set(chat["required"]) == {"messages"}  # model may be left out, as in vLLM
     assert "ChatMessage" in schemas
     assert "$defs" not in chat
+    assert {"tools", "tool_choice", "response_format", "logprobs", "n"} <= set(chat["properties"])
+    assert {"TokenizeChatRequest", "TokenizeCompletionRequest", "DetokenizeRequest"} <= set(schemas)

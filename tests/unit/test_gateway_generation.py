@@ -20,13 +20,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.admission import ClientLimiter
-from gateway.api_models import GenerationInput
+from gateway.api_models import GenerationInput, OutputOptions
 from gateway.errors import ApiError
 from gateway.gateway import Gateway, GatewayOptions, rejection_reason
 from gateway.generation import GenerationRequest, GenerationService
+from gateway.openai_stream import RichChatFormat, RichCompletionFormat
 from gateway.replica_client import ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter, RoutingTable
-from gateway.sse import ChatFormat, SeedFormat, StreamFormat
+from gateway.sse import SeedFormat, StreamFormat
 from mss.rpc import status_number
 from protos import controller_pb2, replica_pb2
 
@@ -52,8 +53,10 @@ class FakeReplica(ReplicaClient):
 
     def submit(self, request: replica_pb2.GenerateRequest, buffer_limit: int) -> RequestSink:
         self.stats.in_flight += 1
-        self.requests.append(replica_pb2.GenerateRequest(request_id=request.request_id))
-        sink = RequestSink(request.request_id, self, buffer_limit)
+        copy = replica_pb2.GenerateRequest()
+        copy.CopyFrom(request)
+        self.requests.append(copy)
+        sink = RequestSink(request.request_id, self, buffer_limit, request.sampling.n)
         self.sinks.append(sink)
         return sink
 
@@ -193,10 +196,17 @@ def service(buffer_chunks: int = 64, per_client: int = 1) -> GenerationService:
 
 
 def generation(
-    model: str, rid: str = "rid", stream: bool = True, fmt: type[StreamFormat] = SeedFormat
+    model: str,
+    rid: str = "rid",
+    stream: bool = True,
+    fmt: type[StreamFormat] = SeedFormat,
+    inp: GenerationInput | None = None,
 ) -> GenerationRequest:
-    inp = GenerationInput(prompt="hello", stream=stream, include_usage=True)
-    return GenerationRequest(inp=inp, max_tokens=16, fmt=fmt(rid, model, True), client_key=CLIENT)
+    if inp is None:
+        inp = GenerationInput(prompt="hello", stream=stream, include_usage=True)
+    return GenerationRequest(
+        inp=inp, max_tokens=16, fmt=fmt(rid, model, inp, "fp"), client_key=CLIENT
+    )
 
 
 def start(
@@ -241,7 +251,7 @@ async def test_a_stream_sends_tokens_in_order_then_usage(table: RoutingTable) ->
 async def test_a_whole_response_is_one_json_body(table: RoutingTable) -> None:
     router, fakes = model_router(table, "whole")
     svc, http = service(), FakeHttp()
-    task = start(svc, router, http, generation("whole", stream=False, fmt=ChatFormat))
+    task = start(svc, router, http, generation("whole", stream=False, fmt=RichChatFormat))
     await until(lambda: fakes[0].sinks, "the request reaching a replica")
     fakes[0].say("a", "b", finish="length", usage=(1, 2))
 
@@ -288,7 +298,7 @@ async def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_eve
     first, error = http.events()
     assert first["token"] == "partial"
     assert error["finished"] and error["finish_reason"] == "error"
-    assert error["error"]["code"] == "upstream_failed"
+    assert error["error"]["code"] == 503 and error["error"]["type"] == "ServiceUnavailableError"
     assert "engine died" in error["error"]["message"]
     assert b"event: error" in http.body_bytes and http.ended()
     assert fakes[1].requests == []  # output had begun: never retried, never duplicated
@@ -407,7 +417,7 @@ async def test_a_client_too_slow_for_the_stream_buffer_is_dropped(table: Routing
     assert await task == 200
     *tokens, error = http.events()
     assert [t["token"] for t in tokens] == ["t0", "t1", "t2", "t3"]
-    assert error["error"]["code"] == "slow_client" and http.ended()
+    assert "too slowly" in error["error"]["message"] and http.ended()
     assert fakes[0].cancelled == ["rid"]  # once
     assert_released(svc, router, fakes)
 
@@ -467,14 +477,15 @@ async def test_serve_reads_routes_and_streams_and_counts_refusals_once() -> None
         full = FakeHttp(b"hello")  # the model's one slot is taken and it has no queue
         await gateway.serve(scope, full.receive, full.send, route, "served")
         assert full.status == 503 and full.headers[b"retry-after"] == b"1"
-        assert orjson.loads(full.body_bytes)["error"]["code"] == "capacity"
+        assert orjson.loads(full.body_bytes)["error"]["code"] == 503
         assert sample("mss_gateway_rejections_total", model="served", reason="capacity") == 1
 
         invalid_before = sample("mss_gateway_rejections_total", model="", reason="invalid")
         unknown = FakeHttp(b"{bad json")  # unknown model in the path: 404 whatever the body
         await gateway.serve(scope, unknown.receive, unknown.send, route, "nope")
         assert unknown.status == 404
-        assert orjson.loads(unknown.body_bytes)["error"]["code"] == "model_not_found"
+        error = orjson.loads(unknown.body_bytes)["error"]
+        assert error["code"] == 404 and error["type"] == "NotFoundError"
         after = sample("mss_gateway_rejections_total", model="", reason="invalid")
         assert after == invalid_before + 1
 
@@ -486,3 +497,98 @@ async def test_serve_reads_routes_and_streams_and_counts_refusals_once() -> None
             assert sample("mss_gateway_requests_total", **labels) == count
     finally:
         await gateway.table.close()
+
+
+def push(fake: FakeReplica, **fields: Any) -> None:
+    sink = fake.sinks[-1]
+    sink.push(replica_pb2.RequestDelta(request_id=sink.request_id, **fields))
+
+
+async def test_n_choices_stream_until_every_choice_finished(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "choices")
+    svc, http = service(), FakeHttp()
+    inp = GenerationInput(
+        messages=[replica_pb2.ChatMessage(role="user", content="hi")],
+        sampling=replica_pb2.SamplingParams(n=2),
+        include_usage=True,
+        output=OutputOptions(n=2),
+    )
+    task = start(svc, router, http, generation("choices", fmt=RichChatFormat, inp=inp))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    assert fakes[0].requests[0].sampling.n == 2 and fakes[0].requests[0].sampling.max_tokens == 16
+    push(fakes[0], index=0, text="A", num_tokens=1, prompt_token_ids=[1, 2])
+    push(fakes[0], index=1, text="B", num_tokens=1)
+    push(fakes[0], index=0, text="a", num_tokens=1, finish_reason="stop")
+    await until(lambda: len(http.events()) == 5, "two role chunks and three deltas")
+    assert not task.done() and not fakes[0].sinks[0].ended  # choice 1 is still running
+    push(
+        fakes[0],
+        index=1,
+        text="b",
+        num_tokens=1,
+        finish_reason="length",
+        prompt_tokens=2,
+        completion_tokens=4,
+    )
+
+    assert await task == 200
+    *chunks, usage, done = http.events()
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        choice = c["choices"][0]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+    assert texts == {0: "Aa", 1: "Bb"}
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert reasons == ["stop", "length"]
+    assert usage["usage"]["completion_tokens"] == 4 and done == "[DONE]"
+    assert fakes[0].cancelled == []
+    assert_released(svc, router, fakes)
+
+
+async def test_an_error_ends_a_request_of_n_choices_at_once(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "choices-error")
+    svc, http = service(), FakeHttp()
+    inp = GenerationInput(
+        prompt="p", sampling=replica_pb2.SamplingParams(n=3), output=OutputOptions(n=3)
+    )
+    task = start(svc, router, http, generation("choices-error", fmt=RichCompletionFormat, inp=inp))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    push(fakes[0], index=0, text="x", num_tokens=1)
+    await until(lambda: http.events(), "the first chunk")
+    fakes[0].fail(grpc.StatusCode.INTERNAL, "engine died")
+    assert await task == 200
+    *_, error, done = http.events()
+    assert error["error"]["code"] == 502 and "engine died" in error["error"]["message"]
+    assert done == "[DONE]" and fakes[0].sinks[0].ended
+    assert_released(svc, router, fakes)
+
+
+async def test_a_whole_body_of_n_choices(table: RoutingTable) -> None:
+    router, fakes = model_router(table, "choices-whole")
+    svc, http = service(), FakeHttp()
+    inp = GenerationInput(
+        prompt="p",
+        stream=False,
+        sampling=replica_pb2.SamplingParams(n=2),
+        output=OutputOptions(n=2),
+    )
+    task = start(svc, router, http, generation("choices-whole", fmt=RichCompletionFormat, inp=inp))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    push(fakes[0], index=1, text="y", num_tokens=1, finish_reason="stop", stop_reason="7")
+    push(
+        fakes[0],
+        index=0,
+        text="x",
+        num_tokens=1,
+        finish_reason="length",
+        prompt_tokens=1,
+        completion_tokens=2,
+    )
+    assert await task == 200
+    body = orjson.loads(http.body_bytes)
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "x", "length"),
+        (1, "y", "stop"),
+    ]
+    assert body["choices"][1]["stop_reason"] == 7 and body["usage"]["total_tokens"] == 3
+    assert_released(svc, router, fakes)

@@ -33,8 +33,27 @@ class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
         self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> replica_pb2.HealthResponse:
         return replica_pb2.HealthResponse(
-            ready=self.ready, model=MODEL, load=replica_pb2.Load(max_in_flight=8)
+            ready=self.ready,
+            model=MODEL,
+            load=replica_pb2.Load(max_in_flight=8),
+            max_model_len=2048,
         )
+
+    async def Tokenize(
+        self, request: replica_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> replica_pb2.TokenizeResponse:
+        if request.prompt == "slow":
+            await asyncio.sleep(30)
+        return replica_pb2.TokenizeResponse(
+            tokens=[len(w) for w in request.prompt.split()], max_model_len=2048
+        )
+
+    async def Detokenize(
+        self, request: replica_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> replica_pb2.DetokenizeResponse:
+        if any(t > 100 for t in request.tokens):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tokens: 101 is out of range")
+        return replica_pb2.DetokenizeResponse(prompt=" ".join("x" * t for t in request.tokens))
 
     async def Generate(
         self,
@@ -90,7 +109,9 @@ async def until(check: Callable[[], object], what: str) -> None:
 
 
 def request(rid: str) -> replica_pb2.GenerateRequest:
-    return replica_pb2.GenerateRequest(request_id=rid, prompt="p", max_tokens=4)
+    return replica_pb2.GenerateRequest(
+        request_id=rid, prompt="p", sampling=replica_pb2.SamplingParams(max_tokens=4)
+    )
 
 
 def texts(sink: RequestSink) -> Iterator[str]:
@@ -187,4 +208,74 @@ async def test_a_burst_goes_out_in_few_writes_in_order(
     for sink in sinks:
         if sink is not sinks[10]:
             client.release(sink)
+    await client.close()
+
+
+async def test_a_request_of_n_choices_ends_with_its_last_choice(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    assert client.max_model_len == 2048  # from Health
+    req = request("two")
+    req.sampling.n = 2
+    sink = client.submit(req, 16)
+    await until(lambda: servicer.requests == ["two"], "the request")
+
+    def choice(index: int, text: str, finish: str = "") -> replica_pb2.RequestDelta:
+        d = delta("two", text, finish)
+        d.index = index
+        return d
+
+    servicer.replies.put_nowait(
+        replica_pb2.GenerateReply(deltas=[choice(0, "a", "stop"), choice(1, "b")])
+    )
+    await until(lambda: len(sink.items) == 2, "both deltas")
+    assert not sink.ended  # choice 1 still runs: its deltas keep coming
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[choice(1, "c", "length")]))
+    await until(lambda: sink.ended, "the last choice's finish")
+    assert [(d.index, d.text) for d in sink.take()] == [(0, "a"), (1, "b"), (1, "c")]
+    client.release(sink)
+    assert servicer.cancels == []  # finished: nothing to cancel
+    await client.close()
+
+
+async def test_tokenize_and_detokenize_calls(
+    replica: tuple[ScriptedReplica, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    resp = await client.tokenize(replica_pb2.TokenizeRequest(prompt="ab cde"))
+    assert list(resp.tokens) == [2, 3] and resp.max_model_len == 2048
+    text = await client.detokenize(replica_pb2.DetokenizeRequest(tokens=[1, 2]))
+    assert text.prompt == "x xx"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.detokenize(replica_pb2.DetokenizeRequest(tokens=[101]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    monkeypatch.setattr("gateway.replica_client.TOKENIZE_TIMEOUT_S", 0.2)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.tokenize(replica_pb2.TokenizeRequest(prompt="slow"))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await client.close()
+
+
+async def test_several_deltas_of_one_request_in_one_reply_keep_their_order(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    sink = client.submit(request("coalesced"), 16)
+    await until(lambda: servicer.requests == ["coalesced"], "the request")
+    steps = [delta("coalesced", t) for t in ("a", "b", "c")] + [delta("coalesced", "d", "stop")]
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=steps[:2]))  # fresh: a first
+    await until(lambda: len(sink.items) == 2, "the first two")
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=steps[2:]))  # the finish last
+    await until(lambda: sink.ended, "the finish")
+    assert "".join(texts(sink)) == "abcd"
+    client.release(sink)
+    assert servicer.cancels == []
     await client.close()
