@@ -363,7 +363,7 @@ BAD_INPUTS: list[tuple[str, str, str, dict[str, str], bytes, int, str]] = [
         "POST",
         "/v1/chat/completions",
         {"content-type": "application/json"},
-        b'{"model": "smollm2", "messages": [{"role": "robot", "content": "x"}]}',
+        b'{"model": "smollm2", "messages": [{"role": "", "content": "x"}]}',
         400,
         "role",
     ),
