@@ -197,6 +197,20 @@ def start_gateway(
     raise TimeoutError(f"gateway not {path} after {timeout} s:\n{proc.log()[-3000:]}")
 
 
+FAKE_MODEL = "smollm2"
+FAKE_MAX_TOKENS = 24
+FAKE_GATEWAY_CONFIG = f"""
+gateway:
+  max_body_bytes: 4096
+deployments:
+  - name: {FAKE_MODEL}
+    engine: fake
+    model: fake
+    limits: {{max_tokens: {FAKE_MAX_TOKENS}}}
+"""
+"""The gateway API tests' config: a small body limit and max_tokens bound, the fake engine."""
+
+
 @contextlib.contextmanager
 def fake_stack(model: str, config: str | None = None) -> Iterator[tuple[Proc, Proc]]:
     """A fake-engine replica behind `mss gateway` (static route), stopped on exit."""

@@ -17,21 +17,11 @@ import pytest
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 from pydantic import BaseModel
 
-from tests.support import Proc, fake_stack
+from tests.support import FAKE_GATEWAY_CONFIG, FAKE_MAX_TOKENS, FAKE_MODEL, Proc, fake_stack
 
-MODEL = "smollm2"
-MAX_TOKENS = 24
-
-
-CONFIG = f"""
-gateway:
-  max_body_bytes: 4096
-deployments:
-  - name: {MODEL}
-    engine: fake
-    model: fake
-    limits: {{max_tokens: {MAX_TOKENS}}}
-"""
+MODEL = FAKE_MODEL
+MAX_TOKENS = FAKE_MAX_TOKENS
+CONFIG = FAKE_GATEWAY_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -368,7 +368,7 @@ def _stream(gateway: Pod, model: str) -> dict[str, Any]:
 @pytest.fixture
 def hosts() -> Iterator[None]:
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        missing("network namespaces need root (CI runs as root)")
     if not NETNS_SCRIPT.is_file():
         missing(f"{NETNS_SCRIPT} not found")
     if shutil.which("ip") is None:
