@@ -17,8 +17,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from mss import security
+from mss.config import ConfigError, load_config
 from mss.replica_states import state_name
 from mss.rpc import UNARY_CHANNEL_OPTIONS
+from mss.rpc_auth import describe, sync_channel
+from mss.security import Credentials, SecurityError
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
 
@@ -34,10 +38,22 @@ class Command:
 def _add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", default="127.0.0.1:50051", help="controller HOST:PORT")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    parser.add_argument("--config", help="cluster config whose `security` block to use")
+    security.add_arguments(parser)
 
 
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.controller, options=UNARY_CHANNEL_OPTIONS)
+def _credentials(args: argparse.Namespace, command: str) -> Credentials | None:
+    """The admin's credentials, or None after saying on stderr why there are none."""
+    try:
+        settings = load_config(args.config).security
+        return security.credentials_from(args, settings, "admin", create=False)
+    except (ConfigError, SecurityError) as exc:
+        sys.stderr.write(f"mss {command}: {exc}\n")
+        return None
+
+
+def _channel(args: argparse.Namespace, creds: Credentials) -> grpc.Channel:
+    return sync_channel(args.controller, creds, "controller", UNARY_CHANNEL_OPTIONS)
 
 
 # ----- mss status ----------------------------------------------------------------------
@@ -112,12 +128,17 @@ def render(status: pb.StatusResponse, now: float | None = None) -> str:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    with _channel(args) as channel:
+    creds = _credentials(args, "status")
+    if creds is None:
+        return 2
+    with _channel(args, creds) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
         try:
-            status = stub.Status(pb.StatusRequest(), timeout=args.timeout)
+            status = stub.Status(
+                pb.StatusRequest(), timeout=args.timeout, metadata=creds.metadata()
+            )
         except grpc.RpcError as exc:
-            sys.stderr.write(f"mss status: controller {args.controller}: {exc.details()}\n")
+            sys.stderr.write(f"mss status: controller {args.controller}: {describe(exc)}\n")
             return 1
     sys.stdout.write(render(status) + "\n")
     return 0
@@ -136,14 +157,24 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_scale(args: argparse.Namespace) -> int:
-    with _channel(args) as channel:
+    creds = _credentials(args, "scale")
+    if creds is None:
+        return 2
+    with _channel(args, creds) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
         try:
             reply = stub.Scale(
-                pb.ScaleRequest(deployment=args.model, replicas=args.replicas), timeout=args.timeout
+                pb.ScaleRequest(deployment=args.model, replicas=args.replicas),
+                timeout=args.timeout,
+                metadata=creds.metadata(admin=True),
             )
         except grpc.RpcError as exc:
-            sys.stderr.write(f"mss scale: {exc.details()}\n")
+            known = isinstance(exc, grpc.Call) and exc.code() in (
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
+            detail = exc.details() if isinstance(exc, grpc.Call) and known else describe(exc)
+            sys.stderr.write(f"mss scale: {detail}\n")
             return 1
     d = reply.deployment
     sys.stdout.write(

@@ -24,6 +24,7 @@ from controller.route_publisher import RoutePublisher
 from controller.scrape_targets import scrape_targets, serve_metrics_and_targets
 from controller.server import ControllerService
 from controller.store import Store
+from mss import security
 from mss.config import (
     ClusterConfig,
     ConfigError,
@@ -33,6 +34,8 @@ from mss.config import (
 )
 from mss.logs import setup_logging
 from mss.rpc import SERVER_OPTIONS
+from mss.rpc_auth import CONTROLLER_RULES, AuthInterceptor, add_port
+from mss.security import Credentials, SecurityError, describe_credentials
 from protos import controller_pb2_grpc
 
 log = logging.getLogger("controller")
@@ -51,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, help="seconds a stopping replica may drain")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--log-level", default="INFO")
+    security.add_arguments(parser)
 
 
 def settings_from(args: argparse.Namespace, config: ClusterConfig) -> ControllerSettings:
@@ -72,13 +76,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         settings = settings_from(args, config)
-    except (ConfigError, ValueError) as exc:
+        creds = security.credentials_from(args, config.security, "controller")
+    except (ConfigError, SecurityError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    return asyncio.run(serve(settings, config if args.config else None))
+    if creds.insecure:
+        log.warning(
+            "security is off: anyone who reaches %s:%d controls this cluster",
+            settings.host,
+            settings.port,
+        )
+    return asyncio.run(serve(settings, config if args.config else None, creds))
 
 
-async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> int:
+async def serve(
+    settings: ControllerSettings, config: ClusterConfig | None, creds: Credentials
+) -> int:
     store = Store(settings.state_path)
     snap = await asyncio.to_thread(store.load)
     # Every live scheduler reports within one heartbeat interval (and re-registers
@@ -94,7 +107,9 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
     loop = ControlLoop(state, publisher, store)
     await loop.tick()
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[AuthInterceptor(creds, CONTROLLER_RULES)]
+    )
     controller_pb2_grpc.add_ControllerServicer_to_server(
         ControllerService(state, publisher, loop), server
     )
@@ -102,10 +117,7 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.host}:{settings.port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
+    port = add_port(server, address, creds)
     if port == 0:
         log.error("cannot listen on %s (in use?)", address)
         store.close()
@@ -120,9 +132,10 @@ async def serve(settings: ControllerSettings, config: ClusterConfig | None) -> i
             asyncio.get_running_loop(),
         )
     log.info(
-        "controller on %s:%d, state %s, metrics port %s",
+        "controller on %s:%d (%s), state %s, metrics port %s",
         settings.host,
         port,
+        describe_credentials(creds),
         store.path,
         settings.metrics_port or "off",
     )

@@ -16,6 +16,7 @@ answered and counted in `serve`, and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -31,9 +32,11 @@ from gateway.admission import ClientLimiter
 from gateway.api_models import check_max_tokens
 from gateway.errors import ApiError, send_error
 from gateway.generation import GenerationRequest, GenerationService
+from gateway.replica_client import ReplicaClient
 from gateway.request_reader import SEED_ROUTE, make_format, parse_body, read_body
 from gateway.routing_table import ModelRouter, RoutingTable, static_table
 from mss.config import ClusterConfig, GatewaySettings
+from mss.security import load_credentials
 
 log = logging.getLogger("gateway")
 
@@ -102,10 +105,12 @@ class Gateway:
     def __init__(self, options: GatewayOptions) -> None:
         self.options = options
         self.settings: GatewaySettings = options.config.gateway
+        self.creds = load_credentials(options.config.security, "gateway")
         self.table = RoutingTable(
             workers=options.workers,
             replica_streams=options.replica_streams,
             failure_threshold=self.settings.replica_failure_threshold,
+            client_factory=functools.partial(ReplicaClient, creds=self.creds),
         )
         self.generation = GenerationService(
             retries=self.settings.retries,
@@ -124,7 +129,7 @@ class Gateway:
         if self.options.controller:
             from gateway.route_watcher import RouteWatcher
 
-            watcher = RouteWatcher(self.options.controller, self.table.apply)
+            watcher = RouteWatcher(self.options.controller, self.table.apply, self.creds)
             tasks.append(asyncio.create_task(watcher.run(), name="route-watcher"))
             log.info("watching routes from the controller at %s", self.options.controller)
         else:

@@ -28,6 +28,7 @@ from gateway.gateway import GatewayOptions
 from gateway.http_protocol import protocol_factory
 from gateway.metrics import MULTIPROC_ENV
 from gateway.routing import STRATEGIES
+from mss import security
 from mss.config import ConfigError, load_config, with_overrides
 from mss.logs import setup_logging
 
@@ -99,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-client-timeout", type=float, default=None, help="seconds")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--log-level", default="INFO")
+    security.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,10 +116,12 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             slow_client_timeout_s=args.slow_client_timeout,
         )
-    except ConfigError as exc:
+        cluster = security.settings_from(args, config.security)
+        creds = security.load_credentials(cluster, "gateway")
+    except (ConfigError, security.SecurityError) as exc:
         log.error("%s", exc)
         return 2
-    config = config.model_copy(update={"gateway": gateway})
+    config = config.model_copy(update={"gateway": gateway, "security": cluster})
     if args.controller and args.replica:
         log.warning("--controller given: the --replica flags are ignored")
     options = GatewayOptions(
@@ -131,13 +135,16 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     settings = config.gateway
+    https = cluster.https_cert_file is not None
     log.info(
-        "gateway on %s:%d (%d worker%s), routes from %s",
+        "gateway on %s://%s:%d (%d worker%s), routes from %s (%s)",
+        "https" if https else "http",
         settings.host,
         settings.port,
         settings.workers,
         "s" if settings.workers > 1 else "",
         args.controller or f"{len(args.replica)} static replica(s)",
+        security.describe_credentials(creds),
     )
     common: dict[str, Any] = {
         "host": settings.host,
@@ -151,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         "proxy_headers": False,
         "timeout_graceful_shutdown": 30,
     }
+    if https:
+        common["ssl_certfile"] = os.path.expanduser(str(cluster.https_cert_file))
+        common["ssl_keyfile"] = os.path.expanduser(str(cluster.https_key_file))
     if settings.workers == 1:
         server = uvicorn.Server(uvicorn.Config(create_app(options), **common))
         tune_gc()

@@ -29,6 +29,8 @@ import grpc
 
 from gateway.routing import ReplicaStats
 from mss.rpc import STREAM_CHANNEL_OPTIONS, status_number
+from mss.rpc_auth import channel, describe
+from mss.security import Credentials
 from protos import replica_pb2, replica_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ class GenerateStream:
         self._outbox: deque[replica_pb2.GenerateClientMessage] = deque()
         self._wake = asyncio.Event()
         self._writing = False
-        self.call = client.stub.Generate(wait_for_ready=False)
+        self.call = client.stub.Generate(wait_for_ready=False, metadata=client.metadata)
         self._writer = asyncio.create_task(self._write(), name=f"replica-write-{client.replica_id}")
         self._reader = asyncio.create_task(self._read(), name=f"replica-read-{client.replica_id}")
 
@@ -293,6 +295,7 @@ class ReplicaClient:
         streams: int = 1,
         failure_threshold: int = 3,
         on_change: Callable[[], None] | None = None,
+        creds: Credentials | None = None,
     ) -> None:
         self.model = model
         self.replica_id = replica_id
@@ -310,7 +313,9 @@ class ReplicaClient:
         self._probe: asyncio.Task[None] | None = None
         self._on_change = on_change
         self._idle = asyncio.Event()
-        self.channel = grpc.aio.insecure_channel(address, options=STREAM_CHANNEL_OPTIONS)
+        creds = creds or Credentials(role="gateway")
+        self.metadata = creds.metadata()
+        self.channel = channel(address, creds, "replica", STREAM_CHANNEL_OPTIONS)
         self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
 
     # Requests
@@ -349,13 +354,15 @@ class ReplicaClient:
 
     async def tokenize(self, request: replica_pb2.TokenizeRequest) -> replica_pb2.TokenizeResponse:
         """Tokenize a prompt or chat on the replica; raises grpc.aio.AioRpcError on failure."""
-        return await self.stub.Tokenize(request, timeout=TOKENIZE_TIMEOUT_S)
+        return await self.stub.Tokenize(request, timeout=TOKENIZE_TIMEOUT_S, metadata=self.metadata)
 
     async def detokenize(
         self, request: replica_pb2.DetokenizeRequest
     ) -> replica_pb2.DetokenizeResponse:
         """Decode token ids on the replica; raises grpc.aio.AioRpcError on failure."""
-        return await self.stub.Detokenize(request, timeout=TOKENIZE_TIMEOUT_S)
+        return await self.stub.Detokenize(
+            request, timeout=TOKENIZE_TIMEOUT_S, metadata=self.metadata
+        )
 
     def stream_closed(self, stream: GenerateStream) -> None:
         with contextlib.suppress(ValueError):
@@ -405,12 +412,17 @@ class ReplicaClient:
     async def probe_once(self) -> bool:
         """One Health call; True when the replica is ready. Updates load and health."""
         try:
-            resp = await self.stub.Health(replica_pb2.HealthRequest(), timeout=PROBE_TIMEOUT_S)
+            resp = await self.stub.Health(
+                replica_pb2.HealthRequest(), timeout=PROBE_TIMEOUT_S, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as exc:
             self.failures += 1
             if self.failures >= self.failure_threshold:
                 self._set_healthy(False)
-            log.debug("probe of %s failed: %s", self.address, exc.code().name)
+            if self.failures == self.failure_threshold:
+                log.warning("replica %s at %s: %s", self.replica_id, self.address, describe(exc))
+            else:
+                log.debug("probe of %s failed: %s", self.address, exc.code().name)
             return False
         load = resp.load
         self.stats.running = load.running

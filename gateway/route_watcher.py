@@ -18,6 +18,8 @@ from collections.abc import Callable
 import grpc
 
 from mss.rpc import WATCH_CHANNEL_OPTIONS
+from mss.rpc_auth import channel, describe
+from mss.security import Credentials
 from protos import controller_pb2, controller_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,13 @@ class RouteWatcher:
         self,
         controller_address: str,
         on_table: Callable[[controller_pb2.RoutingTable], None],
+        creds: Credentials,
         watcher_id: str | None = None,
         max_backoff_s: float = 2.0,
     ) -> None:
         self.controller_address = controller_address
         self.on_table = on_table
+        self.creds = creds
         self.watcher_id = watcher_id or f"gateway-{socket.gethostname()}-{os.getpid()}"
         self.max_backoff_s = max_backoff_s
         self.version = 0
@@ -44,10 +48,10 @@ class RouteWatcher:
     async def run(self) -> None:
         """Watch until cancelled."""
         backoff = 0.1
-        async with grpc.aio.insecure_channel(
-            self.controller_address, options=WATCH_CHANNEL_OPTIONS
-        ) as channel:
-            stub = controller_pb2_grpc.ControllerStub(channel)
+        async with channel(
+            self.controller_address, self.creds, "controller", WATCH_CHANNEL_OPTIONS
+        ) as watch_channel:
+            stub = controller_pb2_grpc.ControllerStub(watch_channel)
             while True:
                 try:
                     await self._follow(stub)
@@ -57,7 +61,7 @@ class RouteWatcher:
                         log.warning(
                             "routing stream from %s failed (%s); keeping table v%d meanwhile",
                             self.controller_address,
-                            exc.code().name,
+                            describe(exc),
                             self.version,
                         )
                 if self.connected:
@@ -70,7 +74,8 @@ class RouteWatcher:
         call = stub.WatchRoutes(
             controller_pb2.WatchRoutesRequest(
                 known_version=self.version, watcher_id=self.watcher_id
-            )
+            ),
+            metadata=self.creds.metadata(),
         )
         try:
             await call.initial_metadata()  # the controller sends it as soon as it accepts

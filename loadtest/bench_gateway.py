@@ -78,6 +78,7 @@ async def grpc_load(
     """C workers streaming requests back to back over one multiplexed Generate stream."""
     import grpc
 
+    from mss.security import local_metadata
     from protos import replica_pb2, replica_pb2_grpc
 
     res = GrpcResults()
@@ -85,7 +86,7 @@ async def grpc_load(
     start = loop.time()
     win0, win1 = start + warmup, start + warmup + duration
     channel = grpc.aio.insecure_channel(address)
-    call = replica_pb2_grpc.ReplicaStub(channel).Generate()
+    call = replica_pb2_grpc.ReplicaStub(channel).Generate(metadata=local_metadata())
     inboxes: dict[str, asyncio.Queue[tuple[float, Any]]] = {}
     outbox: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -280,6 +281,7 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 def wait_replica(address: str, timeout: float = 60.0) -> None:
     import grpc
 
+    from mss.security import local_metadata
     from protos import replica_pb2, replica_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -287,7 +289,10 @@ def wait_replica(address: str, timeout: float = 60.0) -> None:
         try:
             with grpc.insecure_channel(address) as channel:
                 stub = replica_pb2_grpc.ReplicaStub(channel)
-                if stub.Health(replica_pb2.HealthRequest(), timeout=1.0).ready:
+                health = stub.Health(
+                    replica_pb2.HealthRequest(), timeout=1.0, metadata=local_metadata()
+                )
+                if health.ready:
                     return
         except grpc.RpcError:
             pass

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from mss.config import Deployment, EngineArgs
+from mss.security import local_metadata
 from protos import replica_pb2, replica_pb2_grpc
 from replica.main import set_engine_environment
 
@@ -99,7 +100,7 @@ class MuxClient:
     def __init__(self, stub: replica_pb2_grpc.ReplicaStub) -> None:
         self.outgoing: asyncio.Queue[replica_pb2.GenerateClientMessage] = asyncio.Queue()
         self.waiters: dict[str, asyncio.Queue[tuple[float, replica_pb2.RequestDelta]]] = {}
-        self.call = stub.Generate(self._messages())
+        self.call = stub.Generate(self._messages(), metadata=local_metadata())
         self.reader = asyncio.create_task(self._read())
 
     async def _messages(self) -> AsyncIterator[replica_pb2.GenerateClientMessage]:
@@ -179,7 +180,7 @@ async def per_request(
         yield replica_pb2.GenerateClientMessage(request=request)
 
     tokens = 0
-    async for reply in stub.Generate(one()):
+    async for reply in stub.Generate(one(), metadata=local_metadata()):
         for delta in reply.deltas:
             if delta.error.code:
                 raise RuntimeError(delta.error.message)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replica": ("replica.main", "run one replica (engine + gRPC server)"),
     "status": ("controller.admin_cli:status", "print nodes, deployments and replicas"),
     "scale": ("controller.admin_cli:scale", "set a deployment's replica count"),
+    "certs": ("mss.certs", "make a local CA and per-role TLS certificates"),
 }
 
 

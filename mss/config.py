@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.routing.registry import DEFAULT_STRATEGY, STRATEGIES
 
@@ -146,12 +153,40 @@ class GatewaySettings(StrictModel):
     """When set, requests need `Authorization: Bearer <key>`."""
 
 
+class SecuritySettings(StrictModel):
+    """Credentials of the cluster's gRPC links and the gateway's HTTPS (docs/security.md)."""
+
+    token_file: str | None = None
+    """Cluster token every gRPC call carries; default `<cache>/cluster.token`, created (mode
+    0600) by the first process that needs it. Copy it to every machine of the cluster."""
+    admin_token_file: str | None = None
+    """When set, only this second token opens the admin calls (Scale, ApplyConfig)."""
+    tls_dir: str | None = None
+    """Folder from `mss certs` (ca.crt, <role>.crt, <role>.key): TLS on every gRPC link, and
+    peers admitted by their certificate's role (mutual TLS)."""
+    https_cert_file: str | None = None
+    """The gateway's HTTPS certificate chain (PEM); HTTPS is on when this and the key are set."""
+    https_key_file: str | None = None
+    insecure: bool = False
+    """No token and no TLS on gRPC: any process that reaches a port can register nodes,
+    change deployments and read prompts. Only for one machine with every port on loopback."""
+
+    @model_validator(mode="after")
+    def _https_pair(self) -> SecuritySettings:
+        if bool(self.https_cert_file) != bool(self.https_key_file):
+            raise ValueError("https_cert_file and https_key_file go together")
+        if self.insecure and self.tls_dir:
+            raise ValueError("insecure and tls_dir are both set; pick one")
+        return self
+
+
 class ClusterConfig(StrictModel):
     """The whole file."""
 
     deployments: list[Deployment] = Field(default_factory=lambda: [Deployment()])
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @field_validator("deployments")
     @classmethod

@@ -31,10 +31,13 @@ from pathlib import Path
 import grpc
 import httpx
 
+from mss import security
 from mss.config import ClusterConfig, ConfigError, cache_dir, load_config, with_overrides
 from mss.processes import die_with_parent, port_is_free
 from mss.replica_states import RUNNING, state_name
 from mss.rpc import UNARY_CHANNEL_OPTIONS
+from mss.rpc_auth import channel
+from mss.security import Credentials, SecurityError
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
 
@@ -49,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", default=socket.gethostname())
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    security.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,12 +64,15 @@ def run(args: argparse.Namespace) -> int:
                 "controller": with_overrides(
                     config.controller, "command line", port=args.controller_port
                 ),
+                "security": security.settings_from(args, config.security),
             }
         )
-    except ConfigError as exc:
+        # The cluster token is made here, before any child could race to make it.
+        creds = security.load_credentials(config.security, "admin")
+    except (ConfigError, SecurityError) as exc:
         sys.stderr.write(f"mss up: {exc}\n")
         return 2
-    return asyncio.run(Up(args, config).main())
+    return asyncio.run(Up(args, config, creds).main())
 
 
 def say(text: str) -> None:
@@ -119,15 +126,18 @@ class Child:
 
 
 class Up:
-    def __init__(self, args: argparse.Namespace, config: ClusterConfig) -> None:
+    def __init__(self, args: argparse.Namespace, config: ClusterConfig, creds: Credentials) -> None:
         self.args = args
         self.config = config
+        self.creds = creds
         self.children: list[Child] = []
         self.stop = asyncio.Event()
         ctl = config.controller
         self.controller_address = f"{ctl.host}:{ctl.port}"
         gw = config.gateway
-        self.gateway_url = f"http://{'127.0.0.1' if gw.host == '0.0.0.0' else gw.host}:{gw.port}"
+        scheme = "https" if config.security.https_cert_file else "http"
+        host = "127.0.0.1" if gw.host == "0.0.0.0" else gw.host
+        self.gateway_url = f"{scheme}://{host}:{gw.port}"
 
     def _prepare_files(self) -> tuple[Path, Path]:
         run_dir = cache_dir() / "up"
@@ -165,6 +175,7 @@ class Up:
                     self.args.replica_ports,
                     "--replica-metrics-ports",
                     self.args.replica_metrics_ports,
+                    *self.creds.child_arguments(),
                     *fmt,
                 ],
                 stop_timeout_s=drain + 30,
@@ -252,12 +263,14 @@ class Up:
         started = time.monotonic()
         last_line, last_said = "", 0.0
         async with (
-            grpc.aio.insecure_channel(
-                self.controller_address, options=UNARY_CHANNEL_OPTIONS
-            ) as channel,
-            httpx.AsyncClient(timeout=2.0) as http,
+            channel(
+                self.controller_address, self.creds, "controller", UNARY_CHANNEL_OPTIONS
+            ) as status_channel,
+            # The gateway is this command's own child on loopback; its HTTPS
+            # certificate need not name 127.0.0.1, so it is not checked here.
+            httpx.AsyncClient(timeout=2.0, verify=False) as http,
         ):
-            stub = controller_pb2_grpc.ControllerStub(channel)
+            stub = controller_pb2_grpc.ControllerStub(status_channel)
             while not self.stop.is_set():
                 dead = self._dead_child()
                 if dead is not None:
@@ -284,8 +297,12 @@ class Up:
         self, stub: controller_pb2_grpc.ControllerStub, names: list[str]
     ) -> tuple[str, bool]:
         try:
-            status = await stub.Status(pb.StatusRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError:
+            status = await stub.Status(
+                pb.StatusRequest(), timeout=2.0, metadata=self.creds.metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return f"the controller refused us: {exc.details()}", False
             return "waiting for the controller", False
         running = {d.name: d.running_replicas for d in status.deployments}
         parts = []
@@ -321,10 +338,15 @@ class Up:
             '{"messages":[{"role":"user","content":"What is the capital of France?"}],'
             '"temperature":0}'
         )
+        sec = self.config.security
+        cacert = ""
+        if sec.https_cert_file and sec.tls_dir:
+            cacert = f"--cacert {os.path.join(os.path.expanduser(sec.tls_dir), 'ca.crt')} "
+        admin = f" --tls-dir {sec.tls_dir}" if sec.tls_dir else ""
         lines = [
             f"ready in {elapsed:.1f} s. Try:",
             "",
-            f"  curl -N -X POST {self.gateway_url}/v1/chat/{model} "
+            f"  curl -N {cacert}-X POST {self.gateway_url}/v1/chat/{model} "
             f"-H 'Content-Type: application/json' -d '{body}'",
             "",
             "or with the openai package:",
@@ -334,8 +356,8 @@ class Up:
             '          messages=[{"role": "user", "content": "Hello"}]):',
             '      print(chunk.choices[0].delta.content or "", end="")',
             "",
-            f"status: mss status --controller {self.controller_address}    "
-            f"scale: mss scale {model} N --controller {self.controller_address}",
+            f"status: mss status --controller {self.controller_address}{admin}    "
+            f"scale: mss scale {model} N --controller {self.controller_address}{admin}",
             "Ctrl-C stops everything.",
         ]
         for line in lines:

@@ -19,9 +19,17 @@ import grpc
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
-from mss.config import BUNDLED_MODEL, Deployment, format_validation_error
+from mss import security
+from mss.config import (
+    BUNDLED_MODEL,
+    ConfigError,
+    Deployment,
+    SecuritySettings,
+    format_validation_error,
+)
 from mss.logs import setup_logging
 from mss.rpc import SERVER_OPTIONS
+from mss.rpc_auth import REPLICA_RULES, AuthInterceptor, add_port
 from protos import replica_pb2_grpc
 from replica.engine import create_engine
 from replica.model_store import ModelError
@@ -50,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log each rendered prompt (debugging only: prompts are never logged otherwise)",
     )
+    security.add_arguments(parser)
 
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
@@ -73,9 +82,14 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         log.error("invalid deployment:\n%s", format_validation_error(exc))
         return 2
+    try:
+        creds = security.credentials_from(args, SecuritySettings(), "replica")
+    except (ConfigError, security.SecurityError) as exc:
+        log.error("%s", exc)
+        return 2
     if deployment.engine == "vllm":
         set_engine_environment(deployment)
-    return asyncio.run(serve(deployment, args))
+    return asyncio.run(serve(deployment, args, creds))
 
 
 def set_engine_environment(deployment: Deployment) -> None:
@@ -102,15 +116,19 @@ def set_engine_environment(deployment: Deployment) -> None:
         )
 
 
-async def serve(deployment: Deployment, args: argparse.Namespace) -> int:
+async def serve(
+    deployment: Deployment, args: argparse.Namespace, creds: security.Credentials
+) -> int:
     replica_id = args.replica_id or f"{deployment.name}-{uuid.uuid4().hex[:8]}"
     engine = create_engine(deployment)
     service = ReplicaService(
         engine, replica_id, deployment.limits.replica_max_in_flight, args.log_prompts
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[AuthInterceptor(creds, REPLICA_RULES)]
+    )
     replica_pb2_grpc.add_ReplicaServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", creds)
     if port == 0:
         log.error("cannot listen on %s:%s", args.host, args.port)
         return 1
@@ -118,12 +136,13 @@ async def serve(deployment: Deployment, args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.host)
     log.info(
-        "replica %s serving %s (%s engine) on %s:%d",
+        "replica %s serving %s (%s engine) on %s:%d (%s)",
         replica_id,
         deployment.name,
         deployment.engine,
         args.host,
         port,
+        security.describe_credentials(creds),
     )
 
     stop = asyncio.Event()

@@ -17,6 +17,8 @@ import logging
 import grpc
 
 from mss.rpc import UNARY_CHANNEL_OPTIONS
+from mss.rpc_auth import channel, describe
+from mss.security import Credentials
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
 from scheduler import metrics
@@ -33,6 +35,7 @@ class NodeAgent:
         controller: str,
         node: pb.NodeInfo,
         supervisor: Supervisor,
+        creds: Credentials,
         rpc_timeout_s: float = 3.0,
     ) -> None:
         self.controller = controller
@@ -45,7 +48,8 @@ class NodeAgent:
         # Unary calls with their own deadlines, and a reconnect within a second
         # after a controller restart (gRPC's default backoff grows to minutes,
         # long enough for the controller to declare this node dead).
-        self._channel = grpc.aio.insecure_channel(controller, options=UNARY_CHANNEL_OPTIONS)
+        self._channel = channel(controller, creds, "controller", UNARY_CHANNEL_OPTIONS)
+        self._metadata = creds.metadata()
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
         self._failing_since: float | None = None
 
@@ -73,6 +77,7 @@ class NodeAgent:
             reg = await self._stub.RegisterNode(
                 pb.RegisterNodeRequest(node=self.node, replicas=reports),
                 timeout=self.rpc_timeout_s,
+                metadata=self._metadata,
             )
             self.registered = True
             if reg.heartbeat_interval_s > 0:
@@ -89,6 +94,7 @@ class NodeAgent:
         beat = await self._stub.Heartbeat(
             pb.HeartbeatRequest(node_id=self.node.node_id, replicas=reports),
             timeout=self.rpc_timeout_s,
+            metadata=self._metadata,
         )
         if not beat.known:
             log.warning("controller does not know node %s; registering again", self.node.node_id)
@@ -119,9 +125,9 @@ class NodeAgent:
                 if self._failing_since is None:
                     self._failing_since = loop.time()
                     log.warning(
-                        "controller %s unreachable (%s); replicas keep running, retrying",
+                        "controller %s: %s; replicas keep running, retrying",
                         self.controller,
-                        exc.code().name,
+                        describe(exc),
                     )
                 wait = backoff
                 backoff = min(backoff * 2, self.interval_s)

@@ -20,8 +20,10 @@ import sys
 
 import grpc
 
+from mss import rpc_auth
 from mss.processes import die_with_parent, port_is_free
 from mss.rpc import UNARY_CHANNEL_OPTIONS
+from mss.security import Credentials
 from protos import replica_pb2, replica_pb2_grpc
 from scheduler.supervisor import Health, LaunchSpec
 
@@ -61,6 +63,7 @@ class ProcessLauncher:
         advertise_host: str,
         grpc_ports: range,
         metrics_ports: range,
+        creds: Credentials,
         log_format: str = "text",
         extra_env: dict[str, str] | None = None,
     ) -> None:
@@ -68,6 +71,7 @@ class ProcessLauncher:
         self.advertise_host = advertise_host
         self.ports = {"grpc": grpc_ports, "metrics": metrics_ports}
         self.log_format = log_format
+        self.creds = creds
         self.extra_env = extra_env or {}
         self._channels: dict[str, tuple[int, grpc.aio.Channel]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -92,6 +96,7 @@ class ProcessLauncher:
             str(spec.drain_timeout_s),
             "--log-format",
             self.log_format,
+            *self.creds.child_arguments(),
         ]
 
     def spawn(self, spec: LaunchSpec) -> ReplicaProcess:
@@ -129,11 +134,11 @@ class ProcessLauncher:
             if cached is not None:
                 await cached[1].close()
             target = f"{'127.0.0.1' if self.bind_host == '0.0.0.0' else self.bind_host}:{port}"
-            cached = (port, grpc.aio.insecure_channel(target, options=UNARY_CHANNEL_OPTIONS))
+            cached = (port, rpc_auth.channel(target, self.creds, "replica", UNARY_CHANNEL_OPTIONS))
             self._channels[replica_id] = cached
         stub = replica_pb2_grpc.ReplicaStub(cached[1])
         reply: replica_pb2.HealthResponse = await stub.Health(
-            replica_pb2.HealthRequest(), timeout=2.0
+            replica_pb2.HealthRequest(), timeout=2.0, metadata=self.creds.metadata()
         )
         return Health(
             ready=reply.ready and not reply.draining,

@@ -20,6 +20,8 @@ import subprocess
 import psutil
 from prometheus_client import start_http_server
 
+from mss import security
+from mss.config import ConfigError, SecuritySettings
 from mss.logs import setup_logging
 from protos import controller_pb2 as pb
 from scheduler import metrics
@@ -69,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=9102, help="/metrics port, 0 for none")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--log-level", default="INFO")
+    security.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,10 +81,15 @@ def run(args: argparse.Namespace) -> int:
     # at every start. gRPC reads this once, when it is first imported, so it
     # is set here before `serve` imports the modules that use gRPC.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    return asyncio.run(serve(args))
+    try:
+        creds = security.credentials_from(args, SecuritySettings(), "scheduler")
+    except (ConfigError, security.SecurityError) as exc:
+        log.error("%s", exc)
+        return 2
+    return asyncio.run(serve(args, creds))
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, creds: security.Credentials) -> int:
     from scheduler.agent import NodeAgent
     from scheduler.launcher import ProcessLauncher
 
@@ -100,19 +108,20 @@ async def serve(args: argparse.Namespace) -> int:
         metrics_address=f"{args.host}:{args.metrics_port}" if args.metrics_port else "",
     )
     launcher = ProcessLauncher(
-        bind_host, args.host, args.replica_ports, args.replica_metrics_ports, args.log_format
+        bind_host, args.host, args.replica_ports, args.replica_metrics_ports, creds, args.log_format
     )
     agent_box: list[NodeAgent] = []
     supervisor = Supervisor(launcher, gpus=gpus, on_change=lambda: agent_box[0].changed.set())
-    agent = NodeAgent(args.controller, node, supervisor)
+    agent = NodeAgent(args.controller, node, supervisor, creds)
     agent_box.append(agent)
     log.info(
-        "node %s: %.1f CPUs, %.1f GiB, %d GPUs; controller %s",
+        "node %s: %.1f CPUs, %.1f GiB, %d GPUs; controller %s (%s)",
         node.node_id,
         cpus,
         memory,
         gpus,
         args.controller,
+        security.describe_credentials(creds),
     )
 
     stop = asyncio.Event()

@@ -23,12 +23,14 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 
 from mss.config import Deployment
 from mss.processes import free_port
+from mss.security import local_metadata
 from protos import replica_pb2, replica_pb2_grpc
 from replica.engine import Delta, Prepared, PromptSource
 from replica.fake_engine import FakeEngine
@@ -100,10 +102,51 @@ def spawn(args: list[str], name: str, env: dict[str, str] | None = None) -> Proc
     return Proc(proc=proc, log_path=Path(path))
 
 
+class _AddToken:
+    """Adds the cluster token to a test channel's calls. grpc.aio files an interceptor
+    under the first call kind it is an instance of, so each kind has its own class."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self.metadata)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _TokenUnaryUnary(_AddToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.details(details), request)
+
+
+class _TokenUnaryStream(_AddToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.details(details), request)
+
+
+class _TokenStreamUnary(_AddToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self.details(details), requests)
+
+
+class _TokenStreamStream(_AddToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self.details(details), requests)
+
+
+def member_channel(address: str) -> grpc.aio.Channel:
+    """An asyncio channel whose calls carry the cluster token, as a gateway's or scheduler's do."""
+    metadata = local_metadata()
+    kinds = (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)
+    return grpc.aio.insecure_channel(address, interceptors=[kind(metadata) for kind in kinds])
+
+
 def health(address: str, timeout: float = 2.0) -> replica_pb2.HealthResponse:
     with grpc.insecure_channel(address) as channel:
         stub = replica_pb2_grpc.ReplicaStub(channel)
-        return stub.Health(replica_pb2.HealthRequest(), timeout=timeout)
+        return stub.Health(replica_pb2.HealthRequest(), timeout=timeout, metadata=local_metadata())
 
 
 def wait_ready(proc: Proc, timeout: float) -> None:
@@ -295,7 +338,7 @@ class StreamClient:
     """One Generate stream; `run()` sends a request and collects its result."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = member_channel(address)
         self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
         self.outgoing: asyncio.Queue[replica_pb2.GenerateClientMessage | None] = asyncio.Queue()
         self.waiters: dict[str, asyncio.Queue[replica_pb2.RequestDelta]] = {}

@@ -27,7 +27,7 @@ import yaml
 
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
-from tests.support import ROOT, Proc, engine_env, free_port, spawn
+from tests.support import ROOT, Proc, engine_env, free_port, member_channel, spawn
 
 HEARTBEAT_S = 0.5
 DEAD_AFTER = 6  # 3 s of silence
@@ -154,7 +154,7 @@ class Cluster:
         return proc
 
     async def status(self) -> pb.StatusResponse:
-        async with grpc.aio.insecure_channel(self.controller) as channel:
+        async with member_channel(self.controller) as channel:
             stub = controller_pb2_grpc.ControllerStub(channel)
             return await stub.Status(pb.StatusRequest(), timeout=2.0)
 
@@ -290,7 +290,7 @@ async def start_two_nodes(c: Cluster) -> pb.StatusResponse:
     c.start_scheduler("n2", 1)
     c.start_gateway()
     await c.wait_for("two nodes", lambda s: len([n for n in s.nodes if n.alive]) == 2)
-    async with grpc.aio.insecure_channel(c.controller) as channel:
+    async with member_channel(c.controller) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
         await stub.Scale(pb.ScaleRequest(deployment="echo", replicas=2), timeout=5)
     status = await c.wait_for("2 running replicas", lambda s: len(running(s)) == 2)
@@ -427,7 +427,7 @@ async def test_apply_config_checks_and_changes_deployments(cluster: Cluster) -> 
     cluster.start_controller()
     cluster.start_scheduler("n1", 0)
     await cluster.wait_for("1 running replica", lambda s: len(running(s)) == 1)
-    async with grpc.aio.insecure_channel(cluster.controller) as channel:
+    async with member_channel(cluster.controller) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ApplyConfig(

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from protos import replica_pb2, replica_pb2_grpc
-from tests.support import Proc, Result, StreamClient, chat, completion
+from tests.support import Proc, Result, StreamClient, chat, completion, member_channel
 
 pytestmark = pytest.mark.engine
 
@@ -262,7 +262,7 @@ async def test_structured_outputs_json_schema_and_choice(real_replica: Proc) -> 
 
 
 async def test_logit_bias_forces_a_token_and_stop_token_ids_stop(real_replica: Proc) -> None:
-    stub = replica_pb2_grpc.ReplicaStub(grpc.aio.insecure_channel(real_replica.address))
+    stub = replica_pb2_grpc.ReplicaStub(member_channel(real_replica.address))
     word = await stub.Tokenize(
         replica_pb2.TokenizeRequest(prompt=" banana", add_special_tokens=False)
     )
@@ -292,7 +292,7 @@ async def test_logit_bias_forces_a_token_and_stop_token_ids_stop(real_replica: P
 
 
 async def test_tokenize_and_detokenize_round_trip(real_replica: Proc) -> None:
-    stub = replica_pb2_grpc.ReplicaStub(grpc.aio.insecure_channel(real_replica.address))
+    stub = replica_pb2_grpc.ReplicaStub(member_channel(real_replica.address))
     text = "The capital of France is Paris."
     tokens = await stub.Tokenize(
         replica_pb2.TokenizeRequest(prompt=text, add_special_tokens=False, return_token_strs=True)
@@ -345,7 +345,7 @@ async def test_cancelling_an_n_choice_request_frees_the_engine(real_replica: Pro
 
 
 async def test_chat_rendering_takes_tool_turns_and_template_options(real_replica: Proc) -> None:
-    stub = replica_pb2_grpc.ReplicaStub(grpc.aio.insecure_channel(real_replica.address))
+    stub = replica_pb2_grpc.ReplicaStub(member_channel(real_replica.address))
     call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
     tool = {
         "type": "function",

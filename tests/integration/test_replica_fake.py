@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from protos import replica_pb2, replica_pb2_grpc
-from tests.support import Proc, StreamClient, completion, start_replica
+from tests.support import Proc, StreamClient, completion, member_channel, start_replica
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -119,7 +119,7 @@ async def test_prompts_are_logged_only_when_asked() -> None:
 
 
 def tokenize_stub(address: str) -> replica_pb2_grpc.ReplicaStub:
-    return replica_pb2_grpc.ReplicaStub(grpc.aio.insecure_channel(address))
+    return replica_pb2_grpc.ReplicaStub(member_channel(address))
 
 
 async def test_n_choices_are_distinct_with_totals_on_the_last_delta(fake_replica: Proc) -> None:

@@ -9,6 +9,7 @@ import sys
 import grpc
 
 from mss.config import Deployment
+from mss.security import Credentials
 from protos import controller_pb2 as pb
 from scheduler.agent import NodeAgent
 from scheduler.supervisor import Health, LaunchSpec, Supervisor, SupervisorSettings
@@ -196,7 +197,7 @@ async def test_gpus_are_handed_out_and_given_back() -> None:
 
 async def test_agent_applies_assignments() -> None:
     sup, launcher, _, _ = make()
-    agent = NodeAgent("127.0.0.1:1", pb.NodeInfo(node_id="n1"), sup)
+    agent = NodeAgent("127.0.0.1:1", pb.NodeInfo(node_id="n1"), sup, Credentials("scheduler"))
     try:
         keep = pb.ReplicaAssignment(
             replica_id="r1", deployment="echo", deployment_json=spec_json(), keep=True
@@ -218,7 +219,9 @@ async def test_agent_applies_assignments() -> None:
 
 async def test_agent_keeps_replicas_when_controller_is_down() -> None:
     sup, launcher, _, _ = make()
-    agent = NodeAgent("127.0.0.1:1", pb.NodeInfo(node_id="n1"), sup, rpc_timeout_s=0.5)
+    agent = NodeAgent(
+        "127.0.0.1:1", pb.NodeInfo(node_id="n1"), sup, Credentials("scheduler"), rpc_timeout_s=0.5
+    )
     try:
         sup.ensure("r1", spec_json(), 1.0)
         await sup.update()
