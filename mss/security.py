@@ -132,8 +132,8 @@ def read_token(path: Path) -> str:
             f"token file {path}: expected one line of at least {MIN_TOKEN_CHARS} characters "
             "without spaces (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
         )
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("token file %s is readable by other users; chmod 600 it", path)
+    if info.st_mode & stat.S_IRWXO:
+        log.warning("token file %s is readable by every user; chmod 600 it", path)
     return text
 
 

@@ -18,7 +18,9 @@ with what a cluster would supply filled in:
   environment is rewritten to the IP of the one pod the Service selects and
   the container port its targetPort names;
 - volumes: each volumeMount path in the arguments and environment is rewritten
-  to a folder of the test's (a ConfigMap volume holds the ConfigMap's files);
+  to a folder of the test's (a ConfigMap volume holds the ConfigMap's files, a
+  Secret volume the files of the Secret the operator creates: the cluster
+  token, fresh for each run, so every pod must read the one it is given);
 - `mss`, the image's entry point, is this checkout's `python -m mss.cli`.
 
 Then every startup and readiness probe of every pod must pass (run from the
@@ -39,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -74,6 +77,8 @@ NODES = 2
 """Nodes the DaemonSet runs on: two, so one can be lost."""
 CLIENT_HOST = 6
 NETNS_SCRIPT = ROOT.parent / "shared" / "netns.py"
+SECRETS = {"mss-cluster-token": {"cluster.token": secrets.token_urlsafe(32)}}
+"""The Secrets an operator creates before applying the manifests (docs/kubernetes.md)."""
 
 
 def _netns_env() -> dict[str, str]:
@@ -177,6 +182,10 @@ def _mounts(pod: Pod) -> dict[str, Path]:
         if volume is not None and "configMap" in volume:
             for key, text in config_maps[volume["configMap"]["name"]]["data"].items():
                 (folder / key).write_text(text)
+        elif volume is not None and "secret" in volume:
+            for key, text in SECRETS[volume["secret"]["secretName"]].items():
+                (folder / key).write_text(text)
+                (folder / key).chmod(volume["secret"].get("defaultMode", 0o644))
         else:
             assert mount["name"] in claims or (volume and "emptyDir" in volume), mount
         mounts[mount["mountPath"]] = folder
@@ -268,8 +277,11 @@ STATUS = textwrap.dedent(
     """
     import json, sys, grpc
     from protos import controller_pb2 as pb, controller_pb2_grpc
+    token = (("authorization", "Bearer " + sys.argv[2]),)
     with grpc.insecure_channel(sys.argv[1]) as channel:
-        reply = controller_pb2_grpc.ControllerStub(channel).Status(pb.StatusRequest(), timeout=5)
+        reply = controller_pb2_grpc.ControllerStub(channel).Status(
+            pb.StatusRequest(), timeout=5, metadata=token
+        )
     print(json.dumps({
         "nodes": [
             {"id": n.node.node_id, "host": n.node.host, "alive": n.alive, "cpus": n.node.cpus,
@@ -350,7 +362,8 @@ def _wait(what: str, check: Callable[[], bool], pods: list[Pod], timeout: float)
 
 def _status(controller: Pod) -> dict[str, Any]:
     grpc_port = next(p for p in controller.container["ports"] if p["name"] == "grpc")
-    out = _run_in(CLIENT_HOST, STATUS, f"{controller.ip}:{grpc_port['containerPort']}")
+    address = f"{controller.ip}:{grpc_port['containerPort']}"
+    out = _run_in(CLIENT_HOST, STATUS, address, SECRETS["mss-cluster-token"]["cluster.token"])
     if out.returncode != 0:
         return {"nodes": [], "replicas": []}
     result: dict[str, Any] = json.loads(out.stdout)
