@@ -382,7 +382,7 @@ class GenerationService:
         else:
             parts.append(fmt.final(finish) if fmt.lean else fmt.end(finish))
             m.prompt_tokens.inc(finish.prompt_tokens)
-            m.output_tokens.inc(finish.completion_tokens)
+            m.output_tokens.inc(fmt.output_tokens(finish))
         await self._write(send, flow, b"".join(parts), False)
         if flow.gone:
             raise ClientGone
@@ -477,7 +477,7 @@ class GenerationService:
         m = router.metrics
         m.ttft.observe(loop.time() - arrived)
         m.prompt_tokens.inc(finish.prompt_tokens)
-        m.output_tokens.inc(finish.completion_tokens)
+        m.output_tokens.inc(fmt.output_tokens(finish))
         await send(
             {
                 "type": "http.response.start",
