@@ -95,7 +95,7 @@ class GenerationRequest:
     fmt: StreamFormat
     """The route's wire format; its `request_id` is echoed as X-Request-Id."""
     client_key: str
-    """Whose concurrency limit the request counts against: `key:<API key>` or the address."""
+    """Whose concurrency limit the request counts against: `key:<key id>` or the address."""
 
 
 @dataclass(eq=False, slots=True)

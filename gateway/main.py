@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway.api_keys import all_keys
 from gateway.app import GatewayApp, create_app
 from gateway.gateway import GatewayOptions
 from gateway.http_protocol import protocol_factory
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             slow_client_timeout_s=args.slow_client_timeout,
         )
+        all_keys(gateway)  # a bad keys file refuses the start, before any worker starts
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

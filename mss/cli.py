@@ -1,4 +1,4 @@
-"""The `mss` command: one subcommand per process role, plus `up`, `status` and `scale`.
+"""The `mss` command: one subcommand per process role, plus `up`, `status`, `scale` and `keys`.
 
 Each role's package exposes `add_arguments(parser)` and `run(args) -> int` in
 its `main` module; `module:name` instead names an object in a module that
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replica": ("replica.main", "run one replica (engine + gRPC server)"),
     "status": ("controller.admin_cli:status", "print nodes, deployments and replicas"),
     "scale": ("controller.admin_cli:scale", "set a deployment's replica count"),
+    "keys": ("gateway.keys_cli", "make API keys and their hashed config entries"),
 }
 
 

@@ -210,8 +210,12 @@ class GatewaySettings(StrictModel):
     client_send_buffer_bytes: int = Field(262_144, ge=0, le=64 * 1024 * 1024)
     """Kernel send buffer of each client socket (0: the kernel's autotuning, up to megabytes),
     so a client that stops reading blocks its stream soon and is dropped after the timeout."""
-    api_keys: list[str] = Field(default_factory=list)
-    """When set, requests need `Authorization: Bearer <key>`."""
+    api_keys: ApiKeys = Field(default_factory=list)
+    """Keys accepted as `Authorization: Bearer <key>`, stored hashed, each with optional limits.
+    With any key here or an `api_keys_file`, every API request needs a key (else 401)."""
+    api_keys_file: str | None = None
+    """A YAML or JSON file `{api_keys: [...]}` of more keys, read at start (a bad one refuses
+    the start) and again within a second of each change (a bad one keeps the previous keys)."""
 
 
 class ClusterConfig(StrictModel):
