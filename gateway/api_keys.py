@@ -25,6 +25,8 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
+from gateway import metrics
+from gateway.errors import ApiError
 from gateway.rate_limits import Clock, KeyLimiter
 from mss.config import (
     ApiKey,
@@ -190,3 +192,25 @@ class KeyStore:
                 continue
             self._apply(keys)
 
+
+def admit(limiter: KeyLimiter) -> list[tuple[bytes, bytes]]:
+    """Count a request under its key: its `x-ratelimit-*` headers, or a 429 ApiError with them."""
+    refusal = limiter.admit()
+    key_metrics = metrics.for_key(limiter.id)
+    if refusal is None:
+        key_metrics.requests.inc()
+        return limiter.headers()
+    key_metrics.rejections[refusal.kind].inc()
+    raise ApiError(
+        429,
+        refusal.message,
+        code=f"key_{refusal.kind}_limit",
+        retry_after=refusal.retry_after,
+        headers=limiter.headers(),
+    )
+
+
+def finish(limiter: KeyLimiter, output_tokens: int) -> None:
+    """An admitted request ended: charge its output tokens to its key."""
+    limiter.finish(output_tokens)
+    metrics.for_key(limiter.id).output_tokens.inc(output_tokens)

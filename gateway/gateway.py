@@ -205,6 +205,7 @@ class Gateway:
                 max_tokens=check_max_tokens(inp, router.max_tokens),
                 fmt=make_format(route, rid, router.name, inp, fingerprint(router)),
                 client_key=f"key:{key.id}" if key else _address(http),
+                key=key,
             )
             generating = True
             status = await self.generation.run(scope, receive, send, router, request)
