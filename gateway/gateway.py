@@ -86,7 +86,7 @@ def rejection_reason(exc: ApiError) -> str | None:
 
     Refusals turn a request away: bad input (`invalid`: any 4xx but 401 and
     429, whether the gateway or a replica found it), no or a wrong API key
-    (`auth`), a client over its limit (`rate`), a model or all its replicas
+    (`auth`), a client or key over its limit (`rate`), a model or all its replicas
     busy (`capacity`: 503). A model with no ready replica and the other 5xx
     (a replica failing or timing out, an internal error) are outages instead.
     """
