@@ -73,6 +73,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -81,6 +82,8 @@ class ApiError(Exception):
         self.code = code
         """The gateway's short reason (`capacity`, `no_replica`...), for logs and metrics."""
         self.retry_after = retry_after
+        self.extra_headers = headers or []
+        """More response headers (a rate limit's `x-ratelimit-*`)."""
 
     @property
     def type(self) -> str:
@@ -96,6 +99,7 @@ class ApiError(Exception):
         headers = [(b"content-type", b"application/json")]
         if self.retry_after is not None:
             headers.append((b"retry-after", b"%d" % max(1, round(self.retry_after))))
+        headers.extend(self.extra_headers)
         return headers
 
 

@@ -29,9 +29,11 @@ from starlette.requests import Request
 
 from gateway import metrics
 from gateway.admission import ClientLimiter
+from gateway.api_keys import KeyStore
 from gateway.api_models import check_max_tokens
 from gateway.errors import ApiError, send_error
 from gateway.generation import GenerationRequest, GenerationService
+from gateway.rate_limits import KeyLimiter
 from gateway.replica_client import ReplicaClient
 from gateway.request_reader import SEED_ROUTE, make_format, parse_body, read_body
 from gateway.routing_table import ModelRouter, RoutingTable, static_table
@@ -87,7 +89,7 @@ def rejection_reason(exc: ApiError) -> str | None:
 
     Refusals turn a request away: bad input (`invalid`: any 4xx but 401 and
     429, whether the gateway or a replica found it), no or a wrong API key
-    (`auth`), a client over its limit (`rate`), a model or all its replicas
+    (`auth`), a client or key over its limit (`rate`), a model or all its replicas
     busy (`capacity`: 503). A model with no ready replica and the other 5xx
     (a replica failing or timing out, an internal error) are outages instead.
     """
@@ -118,7 +120,7 @@ class Gateway:
             slow_client_timeout_s=self.settings.slow_client_timeout_s,
             limiter=ClientLimiter(self.settings.max_in_flight_per_client),
         )
-        self.api_keys = frozenset(self.settings.api_keys)
+        self.keys = KeyStore(self.settings)
         self.started = int(time.time())
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -126,6 +128,8 @@ class Gateway:
         tasks = self._tasks
         tasks.append(asyncio.create_task(self.generation.watchdog(), name="slow-client-watchdog"))
         tasks.append(asyncio.create_task(self._refresh_gauges(), name="gauge-refresh"))
+        if self.keys.path is not None:
+            tasks.append(asyncio.create_task(self.keys.watch(), name="keys-file-watch"))
         if self.options.controller:
             from gateway.route_watcher import RouteWatcher
 
@@ -162,15 +166,17 @@ class Gateway:
             raise ApiError(404, msg, param="model", code="model_not_found")
         return router
 
-    def check_auth(self, request: Request) -> str | None:
-        """The caller's API key; raises 401 when keys are configured and it is missing or wrong."""
-        if not self.api_keys:
+    def check_auth(self, request: Request) -> KeyLimiter | None:
+        """The caller's API key (its limiter); raises 401 when keys are configured and it is
+        missing or not one in force. None when no keys are configured."""
+        if not self.keys.enabled:
             return None
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.api_keys:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        key = self.keys.lookup(presented.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
             msg = "missing or invalid API key (Authorization: Bearer <key>)"
             raise ApiError(401, msg, code="invalid_api_key")
-        return key.strip()
+        return key
 
     async def serve(
         self, scope: dict[str, Any], receive: Any, send: Any, route: str, path_model: str | None
@@ -186,7 +192,7 @@ class Gateway:
         label = ""  # the model, once the table knows it: a metric label, so labels stay few
         generating = False
         try:
-            api_key = self.check_auth(http)
+            key = self.check_auth(http)
             body, is_json = await read_body(
                 http, self.settings.max_body_bytes, allow_text=route == SEED_ROUTE
             )
@@ -203,7 +209,8 @@ class Gateway:
                 inp=inp,
                 max_tokens=check_max_tokens(inp, router.max_tokens),
                 fmt=make_format(route, rid, router.name, inp, fingerprint(router)),
-                client_key=f"key:{api_key}" if api_key else _address(http),
+                client_key=f"key:{key.id}" if key else _address(http),
+                key=key,
             )
             generating = True
             status = await self.generation.run(scope, receive, send, router, request)

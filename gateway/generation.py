@@ -1,8 +1,9 @@
 """One generation request, from admission to its last byte: the data plane of the gateway.
 
 `Gateway.serve` has read the request and found its model; `GenerationService.run`
-takes it from there: the client's concurrency limit and the model's admission
-queue, replica choice with retries, and the stream (or the one JSON body).
+takes it from there: the API key's limits, the client's concurrency limit and
+the model's admission queue, replica choice with retries, and the stream (or
+the one JSON body).
 
 The response is written straight to the ASGI `send` (no response framework in
 the per-token path). The HTTP status is chosen when the first token (or the
@@ -28,10 +29,12 @@ from typing import Any
 import grpc
 import orjson
 
+from gateway import api_keys
 from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
 from gateway.http_protocol import TRANSPORT_KEY
+from gateway.rate_limits import KeyLimiter
 from gateway.replica_client import ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter
 from gateway.sse import StreamFormat
@@ -95,7 +98,9 @@ class GenerationRequest:
     fmt: StreamFormat
     """The route's wire format; its `request_id` is echoed as X-Request-Id."""
     client_key: str
-    """Whose concurrency limit the request counts against: `key:<API key>` or the address."""
+    """Whose concurrency limit the request counts against: `key:<key id>` or the address."""
+    key: KeyLimiter | None = None
+    """The API key's limits, when the request came with a key."""
 
 
 @dataclass(eq=False, slots=True)
@@ -110,6 +115,10 @@ class Flow:
     dropped: bool = False
     send_started: float = 0.0
     """Loop time a blocked body write began; 0 when no write is pending."""
+    charge: int = 0
+    """Output tokens to charge to the API key: the usage count once the request finished;
+    before that, from the first token on, the most it may produce (so a client cannot
+    dodge its budget by leaving before the usage count arrives)."""
     gone_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def leave(self) -> None:
@@ -174,15 +183,23 @@ class GenerationService:
         """Serve one generation; returns the HTTP status sent (499: the client left).
 
         Raises ApiError only before any byte was sent (429, 503, a replica's
-        failure before the first token); the caller answers it.
+        failure before the first token); the caller answers it. A request under
+        an API key answers with the key's `x-ratelimit-*` headers.
         """
         loop = asyncio.get_running_loop()
         arrived = loop.time()
-        inp, fmt, client_key = request.inp, request.fmt, request.client_key
+        inp, fmt, client_key, key = request.inp, request.fmt, request.client_key, request.key
         headers = [(b"x-request-id", fmt.request_id.encode())]
         flow = Flow(router.name, (scope.get("extensions") or {}).get(TRANSPORT_KEY))
         flow.task = asyncio.current_task()
-        self.limiter.acquire(client_key)
+        if key is not None:
+            headers += api_keys.admit(key)
+        try:
+            self.limiter.acquire(client_key)
+        except ApiError:
+            if key is not None:
+                api_keys.finish(key, 0)
+            raise
         watcher = asyncio.create_task(self._watch(receive, flow), name="disconnect-watch")
         self.flows.add(flow)
         try:
@@ -191,6 +208,7 @@ class GenerationService:
                 router.metrics.queue.observe(loop.time() - arrived)
                 req = build_request(inp, fmt.request_id, request.max_tokens)
                 client, sink = await self._first(router, req, inp.session_key, flow)
+                flow.charge = request.max_tokens * max(1, inp.sampling.n)
                 try:
                     if not inp.stream:
                         serve = self._collect
@@ -211,6 +229,8 @@ class GenerationService:
         finally:
             self.flows.discard(flow)
             self.limiter.release(client_key)
+            if key is not None:
+                api_keys.finish(key, flow.charge)
             watcher.cancel()
 
     async def _watch(self, receive: Receive, flow: Flow) -> None:
@@ -381,8 +401,9 @@ class GenerationService:
             parts.append(fmt.error(message, status))
         else:
             parts.append(fmt.final(finish) if fmt.lean else fmt.end(finish))
+            flow.charge = fmt.output_tokens(finish)
             m.prompt_tokens.inc(finish.prompt_tokens)
-            m.output_tokens.inc(finish.completion_tokens)
+            m.output_tokens.inc(flow.charge)
         await self._write(send, flow, b"".join(parts), False)
         if flow.gone:
             raise ClientGone
@@ -476,8 +497,9 @@ class GenerationService:
         body = orjson.dumps(fmt.body(finish))
         m = router.metrics
         m.ttft.observe(loop.time() - arrived)
+        flow.charge = fmt.output_tokens(finish)
         m.prompt_tokens.inc(finish.prompt_tokens)
-        m.output_tokens.inc(finish.completion_tokens)
+        m.output_tokens.inc(flow.charge)
         await send(
             {
                 "type": "http.response.start",

@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway.api_keys import all_keys
 from gateway.app import GatewayApp, create_app
 from gateway.gateway import GatewayOptions
 from gateway.http_protocol import protocol_factory
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             slow_client_timeout_s=args.slow_client_timeout,
         )
+        all_keys(gateway)  # a bad keys file refuses the start, before any worker starts
         cluster = security.settings_from(args, config.security)
         creds = security.load_credentials(cluster, "gateway")
     except (ConfigError, security.SecurityError) as exc:

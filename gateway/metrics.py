@@ -28,6 +28,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway.rate_limits import LIMIT_KINDS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -87,6 +89,21 @@ DISCONNECTS = Counter(
     "mss_gateway_client_disconnects", "Clients gone before their response ended.", ["model"]
 )
 ABORTS = Counter("mss_gateway_aborts", "Engine requests cancelled by the gateway.", ["model"])
+KEY_REQUESTS = Counter(
+    "mss_gateway_key_requests",
+    "Generation requests admitted under each API key (by id, never the key).",
+    ["key"],
+)
+KEY_OUTPUT_TOKENS = Counter(
+    "mss_gateway_key_output_tokens",
+    "Output tokens charged to each API key when its requests ended.",
+    ["key"],
+)
+KEY_REJECTIONS = Counter(
+    "mss_gateway_key_rejections",
+    "Requests refused (429) by an API key's limit (requests|tokens|streams).",
+    ["key", "limit"],
+)
 ROUTING = Counter(
     "mss_gateway_routing_decisions",
     "Replica choices, by strategy.",
@@ -184,6 +201,31 @@ def for_model(model: str) -> ModelMetrics:
             aborts=ABORTS.labels(model),
         )
         _models[model] = found
+    return found
+
+
+@dataclass(slots=True)
+class KeyMetrics:
+    """Children bound once per API key id; only ids of configured keys become labels."""
+
+    requests: Counter
+    output_tokens: Counter
+    rejections: dict[str, Counter]
+    """By limit kind (`LIMIT_KINDS`)."""
+
+
+_keys: dict[str, KeyMetrics] = {}
+
+
+def for_key(key_id: str) -> KeyMetrics:
+    found = _keys.get(key_id)
+    if found is None:
+        found = KeyMetrics(
+            requests=KEY_REQUESTS.labels(key_id),
+            output_tokens=KEY_OUTPUT_TOKENS.labels(key_id),
+            rejections={kind: KEY_REJECTIONS.labels(key_id, kind) for kind in LIMIT_KINDS},
+        )
+        _keys[key_id] = found
     return found
 
 

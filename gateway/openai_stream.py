@@ -218,11 +218,16 @@ class _RichFormat(StreamFormat):
             usage["completion_tokens_details"] = None
         return usage
 
+    def output_tokens(self, finish: replica_pb2.RequestDelta) -> int:
+        """The usage count, or the choices' tokens when the request ended on a delta before
+        the one carrying it (every choice had finished)."""
+        return finish.completion_tokens or sum(c.tokens for c in self.choices)
+
     def end(self, finish: replica_pb2.RequestDelta) -> bytes:
         if not self.include_usage:
             return DONE
         prompt = finish.prompt_tokens or self.prompt_tokens
-        completion = finish.completion_tokens or sum(c.tokens for c in self.choices)
+        completion = self.output_tokens(finish)
         extra: dict[str, Any] = {"usage": usage_dict(prompt, completion)}
         if self.fingerprint:
             extra["system_fingerprint"] = self.fingerprint
@@ -247,7 +252,7 @@ class _RichFormat(StreamFormat):
         self, finish: replica_pb2.RequestDelta, choices: list[dict[str, Any]]
     ) -> dict[str, Any]:
         prompt = finish.prompt_tokens or self.prompt_tokens
-        completion = finish.completion_tokens or sum(c.tokens for c in self.choices)
+        completion = self.output_tokens(finish)
         return {
             "id": self.id,
             "object": self.object_name.removesuffix(".chunk"),

@@ -110,6 +110,10 @@ class StreamFormat:
     def body(self, finish: replica_pb2.RequestDelta) -> dict[str, Any]:
         raise NotImplementedError
 
+    def output_tokens(self, finish: replica_pb2.RequestDelta) -> int:
+        """Output tokens of the request that `finish` ended (its usage count)."""
+        return finish.completion_tokens
+
 
 class SeedFormat(StreamFormat):
     _PREFIX = b'data: {"token":'

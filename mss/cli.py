@@ -1,4 +1,4 @@
-"""The `mss` command: one subcommand per process role, plus `up`, `status` and `scale`.
+"""The `mss` command: one subcommand per process role, plus `up`, `status`, `scale` and `keys`.
 
 Each role's package exposes `add_arguments(parser)` and `run(args) -> int` in
 its `main` module; `module:name` instead names an object in a module that
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("controller.admin_cli:status", "print nodes, deployments and replicas"),
     "scale": ("controller.admin_cli:scale", "set a deployment's replica count"),
     "certs": ("mss.certs", "make a local CA and per-role TLS certificates"),
+    "keys": ("gateway.keys_cli", "make API keys and their hashed config entries"),
 }
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from gateway.routing.registry import DEFAULT_STRATEGY, STRATEGIES
 
@@ -131,6 +133,65 @@ class ControllerSettings(StrictModel):
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)
 
 
+PLAINTEXT_KEY_ERROR = "plaintext_api_key"
+"""The validation error of a plain-text key; its value is never quoted back."""
+
+
+class ApiKey(StrictModel):
+    """One API key as stored: a name, the SHA-256 of the key (never the key) and its limits.
+
+    Each limit is optional and enforced by each gateway process on its own.
+    """
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    """Short name of the key in logs and metrics (the `key` label); never the key itself."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the key, 64 lowercase hex digits (`mss keys create` prints it)."""
+    rps: float | None = Field(None, gt=0, le=1_000_000)
+    """Requests per second, refilling a token bucket of `burst` requests."""
+    burst: int | None = Field(None, ge=1, le=1_000_000)
+    """Requests the bucket holds (taken at once after a quiet spell); default: `rps` rounded up."""
+    tokens_per_minute: int | None = Field(None, ge=1, le=1_000_000_000)
+    """Output tokens per minute, charged when each request ends; past it new requests get 429."""
+    max_streams: int | None = Field(None, ge=1, le=1_000_000)
+    """Generation requests (streamed or not) the key may have in progress at once."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plaintext(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise PydanticCustomError(
+                PLAINTEXT_KEY_ERROR,
+                "plain-text API keys are not accepted; give {id, sha256} entries: "
+                "`mss keys create --id NAME` makes a new key and its entry, "
+                "`mss keys hash --id NAME` (the key on stdin) hashes an existing one",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _burst_needs_rps(self) -> ApiKey:
+        if self.burst is not None and self.rps is None:
+            raise ValueError(f"key {self.id!r}: burst {self.burst} given without rps")
+        return self
+
+
+def check_unique_keys(keys: list[ApiKey]) -> list[ApiKey]:
+    """`keys` unless two share an id or a hash (a ValueError naming them)."""
+    ids: set[str] = set()
+    hashes: dict[str, str] = {}
+    for key in keys:
+        if key.id in ids:
+            raise ValueError(f"API key id {key.id!r} appears twice")
+        if key.sha256 in hashes:
+            raise ValueError(f"API keys {hashes[key.sha256]!r} and {key.id!r} have the same hash")
+        ids.add(key.id)
+        hashes[key.sha256] = key.id
+    return keys
+
+
+ApiKeys = Annotated[list[ApiKey], AfterValidator(check_unique_keys)]
+
+
 class GatewaySettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -149,8 +210,12 @@ class GatewaySettings(StrictModel):
     client_send_buffer_bytes: int = Field(262_144, ge=0, le=64 * 1024 * 1024)
     """Kernel send buffer of each client socket (0: the kernel's autotuning, up to megabytes),
     so a client that stops reading blocks its stream soon and is dropped after the timeout."""
-    api_keys: list[str] = Field(default_factory=list)
-    """When set, requests need `Authorization: Bearer <key>`."""
+    api_keys: ApiKeys = Field(default_factory=list)
+    """Keys accepted as `Authorization: Bearer <key>`, stored hashed, each with optional limits.
+    With any key here or an `api_keys_file`, every API request needs a key (else 401)."""
+    api_keys_file: str | None = None
+    """A YAML or JSON file `{api_keys: [...]}` of more keys, read at start (a bad one refuses
+    the start) and again within a second of each change (a bad one keeps the previous keys)."""
 
 
 class SecuritySettings(StrictModel):
@@ -253,6 +318,9 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "<root>"
+        if err["type"] == PLAINTEXT_KEY_ERROR:
+            lines.append(f"  {where}: {err['msg']}")  # the value is a secret
+            continue
         given = json.dumps(err.get("input"), default=str)
         if len(given) > 80:
             given = given[:77] + "..."
