@@ -8,9 +8,14 @@ the one JSON body).
 The response is written straight to the ASGI `send` (no response framework in
 the per-token path). The HTTP status is chosen when the first token (or the
 first failure) arrives, so failures before any output are retried on another
-replica or answered with a precise status; after the first token a failure
-ends the stream with an explicit error event: never silent truncation, never
-duplicated text (a started request is never retried).
+replica or answered with a precise status. After the first token, a request
+whose replica fails (its stream breaks, it drains past its deadline, its
+engine dies) migrates: it is sent to another replica as a continuation, its
+prompt followed by the token ids it has produced so far, and the client's
+stream goes on where it stopped (`_migrate`; one choice, no structured
+output, bounded in attempts and waiting time). When it cannot migrate, the
+stream ends with an explicit error event: never silent truncation, never
+duplicated text.
 
 Cancellation has one path: the client leaving (seen by a watcher on `receive`)
 or being dropped as too slow releases the request's sink, which sends a
@@ -29,13 +34,13 @@ from typing import Any
 import grpc
 import orjson
 
-from gateway import api_keys
+from gateway import api_keys, metrics
 from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
 from gateway.http_protocol import TRANSPORT_KEY
 from gateway.rate_limits import KeyLimiter
-from gateway.replica_client import ReplicaClient, RequestSink
+from gateway.replica_client import Output, ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter
 from gateway.sse import StreamFormat
 from mss.rpc import status_name, status_number
@@ -52,6 +57,23 @@ _RETRYABLE = {
     status_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
 }
 """Failures before the first token that another replica may not have."""
+_MIGRATABLE = {
+    status_number(code)
+    for code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+}
+"""Failures after output began that are the replica's, not the request's: it moves on."""
+MAX_MIGRATIONS = 3
+"""Replicas a request may move to after its first one."""
+MIGRATION_WAIT_S = 10.0
+"""How long a request whose replica failed waits for another to be ready, in all."""
+MIGRATION_POLL_S = 0.05
 _STATUS_FOR_CODE = {
     status_number(grpc.StatusCode.INVALID_ARGUMENT): 400,
     status_number(grpc.StatusCode.OUT_OF_RANGE): 400,
@@ -146,6 +168,70 @@ def build_request(
     return req
 
 
+@dataclass(slots=True)
+class Lease:
+    """The replica serving a request now, and what moving it elsewhere needs."""
+
+    client: ReplicaClient | None
+    """None once released for good (a migration found no replica)."""
+    sink: RequestSink
+    request: replica_pb2.GenerateRequest
+    """The wire request as first sent; continuations are built from it."""
+    output: Output | None
+    """What the request has produced, when it may migrate (one choice, free text)."""
+    session_key: str | None
+    migrations: int = 0
+    waited: float = 0.0
+    """Seconds spent waiting for a replica to move to."""
+    exclude: set[str] = field(default_factory=set)
+    """Replicas that failed this request."""
+
+    def release(self) -> bool:
+        """Give the request's replica slot back; True when it had not ended (an abort)."""
+        client = self.client
+        if client is None:
+            return False
+        self.client = None
+        aborted = not self.sink.ended
+        client.release(self.sink)
+        return aborted
+
+
+def migratable(inp: GenerationInput) -> bool:
+    """Whether a request can continue on another replica from its token ids: one choice
+    (each choice would need its own continuation) and no structured output (the
+    constraint's state does not survive the move)."""
+    return max(1, inp.sampling.n) == 1 and not inp.sampling.HasField("structured")
+
+
+def continuation(
+    request: replica_pb2.GenerateRequest, output: Output, request_id: str
+) -> replica_pb2.GenerateRequest:
+    """`request` continued after `output`: the same prompt and sampling, the produced tokens
+    to resume from, and the token bounds reduced by what was produced."""
+    produced = len(output.token_ids)
+    cont = replica_pb2.GenerateRequest()
+    cont.CopyFrom(request)
+    cont.request_id = request_id
+    if request.sampling.max_tokens:  # 0 is "as many as fit", whatever came before
+        cont.sampling.max_tokens = request.sampling.max_tokens - produced
+    cont.sampling.min_tokens = max(0, request.sampling.min_tokens - produced)
+    cont.sampling.ClearField("prompt_logprobs")  # sent with the first output already
+    cont.resume.token_ids.extend(output.token_ids)
+    cont.resume.text_chars = output.text_chars
+    return cont
+
+
+def _still_failing(router: ModelRouter, failed: set[str]) -> set[str]:
+    """Of the replicas that failed a request, those not back in rotation with a clean record."""
+    out = set()
+    for replica_id in failed:
+        client = router.clients.get(replica_id)
+        if client is None or not client.stats.healthy or client.failures:
+            out.add(replica_id)
+    return out
+
+
 def _dropped_while_writing(flow: Flow) -> bool:
     """True when a cancelled write was the watchdog dropping a slow client (not a shutdown)."""
     task = asyncio.current_task()
@@ -207,7 +293,9 @@ class GenerationService:
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
                 req = build_request(inp, fmt.request_id, request.max_tokens)
-                client, sink = await self._first(router, req, inp.session_key, flow)
+                output = Output() if migratable(inp) else None
+                client, sink = await self._first(router, req, inp.session_key, flow, output)
+                lease = Lease(client, sink, req, output, inp.session_key)
                 flow.charge = request.max_tokens * max(1, inp.sampling.n)
                 try:
                     if not inp.stream:
@@ -216,11 +304,10 @@ class GenerationService:
                         serve = self._stream
                     else:
                         serve = self._stream_rich
-                    return await serve(send, router, sink, fmt, flow, arrived, headers)
+                    return await serve(send, router, lease, fmt, flow, arrived, headers)
                 finally:
-                    if not sink.ended:
+                    if lease.release():
                         router.metrics.aborts.inc()
-                    client.release(sink)
             finally:
                 router.admission.release()
         except ClientGone:
@@ -265,8 +352,12 @@ class GenerationService:
         req: replica_pb2.GenerateRequest,
         key: str | None,
         flow: Flow,
+        output: Output | None,
     ) -> tuple[ReplicaClient, RequestSink]:
-        """Submit to a replica and wait for its first output, retrying failures elsewhere."""
+        """Submit to a replica and wait for its first output, retrying failures elsewhere.
+
+        `output`, when the request may migrate, records what the chosen replica produces.
+        """
         loop = asyncio.get_running_loop()
         base_id = req.request_id
         exclude: set[str] = set()
@@ -280,6 +371,7 @@ class GenerationService:
                 req.request_id = f"{base_id}.{attempt}"
             submitted = loop.time()
             sink = client.submit(req, self.buffer_chunks)
+            sink.output = output
             flow.sink = sink
             try:
                 while not sink.items and not flow.gone:
@@ -315,6 +407,62 @@ class GenerationService:
             )
         raise replica_error(*failure)
 
+    async def _migrate(
+        self, router: ModelRouter, lease: Lease, flow: Flow, failure: replica_pb2.RequestDelta
+    ) -> bool:
+        """Continue a request whose replica failed after output began on another replica.
+
+        True when it goes on (its deltas now arrive in `lease.sink`); False when it
+        cannot move (not a failure of the replica, a request that cannot migrate, out
+        of attempts, or no replica ready within the wait), and the caller ends it
+        with `failure`. Raises ClientGone when the client leaves while it waits.
+        """
+        output = lease.output
+        code = failure.error.code
+        if output is None or code not in _MIGRATABLE:
+            return False
+        failed = lease.client
+        lease.release()
+        if failed is not None:
+            lease.exclude.add(failed.replica_id)
+        reason = status_name(code)
+        left = lease.request.sampling.max_tokens - len(output.token_ids)
+        if lease.migrations >= MAX_MIGRATIONS or (lease.request.sampling.max_tokens and left <= 0):
+            metrics.MIGRATIONS.labels(router.name, reason, "gave_up").inc()
+            return False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # A replica that failed this request is skipped until it is back in rotation
+        # with a clean record (a restarted replica may serve the rest).
+        client = router.pick(lease.session_key, _still_failing(router, lease.exclude))
+        while client is None:
+            if flow.gone:
+                raise ClientGone
+            if lease.waited + loop.time() - started >= MIGRATION_WAIT_S:
+                metrics.MIGRATIONS.labels(router.name, reason, "gave_up").inc()
+                log.warning("no replica to continue on within %.0f s", MIGRATION_WAIT_S)
+                return False
+            await asyncio.sleep(MIGRATION_POLL_S)
+            client = router.pick(lease.session_key, _still_failing(router, lease.exclude))
+        lease.waited += loop.time() - started
+        lease.migrations += 1
+        base = lease.request.request_id
+        request = continuation(lease.request, output, f"{base}.m{lease.migrations}")
+        sink = client.submit(request, self.buffer_chunks)
+        sink.output = output
+        sink.completion_offset = len(output.token_ids)
+        lease.client, lease.sink = client, sink
+        flow.sink = sink
+        metrics.MIGRATIONS.labels(router.name, reason, "moved").inc()
+        log.info(
+            "%s failed after %d tokens (%s); continuing on %s",
+            failed.replica_id if failed is not None else "replica",
+            len(output.token_ids),
+            failure.error.message,
+            client.replica_id,
+        )
+        return True
+
     async def _write(self, send: Send, flow: Flow, body: bytes, more: bool) -> None:
         flow.send_started = asyncio.get_running_loop().time()
         try:
@@ -329,7 +477,7 @@ class GenerationService:
         self,
         send: Send,
         router: ModelRouter,
-        sink: RequestSink,
+        lease: Lease,
         fmt: StreamFormat,
         flow: Flow,
         arrived: float,
@@ -339,6 +487,7 @@ class GenerationService:
         # token per stream.
         m = router.metrics
         token = fmt.token
+        sink = lease.sink
         take = sink.take
         observe_itl = m.itl.observe
         loop_time = asyncio.get_running_loop().time
@@ -352,6 +501,14 @@ class GenerationService:
                     finish = delta  # its text goes out with the finish reason
                 elif delta.text:
                     parts.append(token(delta.text))
+            if (
+                finish is not None
+                and finish.finish_reason == "error"
+                and await self._migrate(router, lease, flow, finish)
+            ):
+                finish = None
+                sink = lease.sink
+                take = sink.take
             if finish is not None or sink.overflowed:
                 return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
             if parts:
@@ -414,7 +571,7 @@ class GenerationService:
         self,
         send: Send,
         router: ModelRouter,
-        sink: RequestSink,
+        lease: Lease,
         fmt: StreamFormat,
         flow: Flow,
         arrived: float,
@@ -429,6 +586,7 @@ class GenerationService:
         feed = fmt.feed
         loop_time = asyncio.get_running_loop().time
         n = fmt.n
+        sink = lease.sink
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         parts: list[bytes] = []
         last = 0.0
@@ -442,6 +600,13 @@ class GenerationService:
                 if fmt.finished >= n:
                     finish = delta
                     break
+            if (
+                finish is not None
+                and finish.finish_reason == "error"
+                and await self._migrate(router, lease, flow, finish)
+            ):
+                finish = None
+                sink = lease.sink
             if finish is not None or sink.overflowed:
                 return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
             if parts:
@@ -470,7 +635,7 @@ class GenerationService:
         self,
         send: Send,
         router: ModelRouter,
-        sink: RequestSink,
+        lease: Lease,
         fmt: StreamFormat,
         flow: Flow,
         arrived: float,
@@ -480,7 +645,7 @@ class GenerationService:
         finish: replica_pb2.RequestDelta | None = None
         n = fmt.n
         while finish is None:
-            for delta in sink.take():
+            for delta in lease.sink.take():
                 if delta.finish_reason == "error":
                     finish = delta
                     break
@@ -488,10 +653,16 @@ class GenerationService:
                 if delta.finish_reason and fmt.finished >= n:
                     finish = delta
                     break
+            if (
+                finish is not None
+                and finish.finish_reason == "error"
+                and await self._migrate(router, lease, flow, finish)
+            ):
+                finish = None
             if finish is None:
                 if flow.gone:
                     raise ClientGone
-                await sink.wait()
+                await lease.sink.wait()
         if finish.finish_reason == "error":
             raise replica_error(finish.error.code, f"generation failed: {finish.error.message}")
         body = orjson.dumps(fmt.body(finish))

@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -65,6 +66,10 @@ def app_from_environment() -> GatewayApp:
     app = create_app(options)
     tune_gc()
     return app
+
+
+def _exit_after_drain(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _replica(text: str) -> tuple[str, str]:
@@ -163,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     if https:
         common["ssl_certfile"] = os.path.expanduser(str(cluster.https_cert_file))
         common["ssl_keyfile"] = os.path.expanduser(str(cluster.https_key_file))
+    # uvicorn catches SIGTERM, drains (open streams finish, up to the graceful
+    # timeout), puts back the handler it found and raises the signal again; this
+    # handler makes that end a clean exit (status 0) rather than death by signal.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
     if settings.workers == 1:
         server = uvicorn.Server(uvicorn.Config(create_app(options), **common))
         tune_gc()

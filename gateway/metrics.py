@@ -80,6 +80,12 @@ PROMPT_TOKENS = Counter(
 )
 OUTPUT_TOKENS = Counter("mss_gateway_output_tokens", "Tokens streamed to clients.", ["model"])
 RETRIES = Counter("mss_gateway_retries", "Requests retried on another replica.", ["model"])
+MIGRATIONS = Counter(
+    "mss_gateway_migrations",
+    "Started requests whose replica failed, by the failure (a gRPC status name) and outcome "
+    "(moved: continued on another replica; gave_up: ended with an error event).",
+    ["model", "reason", "outcome"],
+)
 REJECTIONS = Counter(
     "mss_gateway_rejections",
     "Requests refused, by reason (capacity|rate|invalid|auth).",

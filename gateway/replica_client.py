@@ -8,11 +8,14 @@ hands each delta to the request's `RequestSink`, a bounded inbox the HTTP
 handler drains; nothing on this path waits for a slow client.
 
 Failures: when a stream breaks, every request on it gets an UNAVAILABLE error
-delta (retryable if it had produced nothing yet) and the stream reopens on the
-next request. Transport failures count toward `failure_threshold`; past it,
-or when the replica says it is not ready (UNAVAILABLE from the replica, or
-Health not ready), the replica leaves the rotation and a probe brings it back
-after a successful Health call.
+delta (retried elsewhere if it had produced nothing yet, migrated if it had)
+and the stream reopens on the next request. A stream that broke with requests
+running takes the replica out of rotation at once; other transport failures
+and requests the engine failed count toward `failure_threshold`. Past it, or
+when the replica says it is not ready (UNAVAILABLE from the replica, or Health
+not ready), the replica leaves the rotation and a probe brings it back after a
+successful Health call. gRPC keepalive (`mss.rpc`) notices a replica whose
+host went silent within about two seconds, even mid-stream.
 """
 
 from __future__ import annotations
@@ -37,10 +40,23 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
 """The status a replica that cannot take requests answers with, and a broken stream's."""
+INTERNAL = status_number(grpc.StatusCode.INTERNAL)
+"""The status of a request the replica's engine failed."""
 PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_DELAY_S = 2.0
 TOKENIZE_TIMEOUT_S = 10.0
 """Deadline of a Tokenize or Detokenize call (a long chat renders in milliseconds)."""
+
+
+class Output:
+    """What a one-choice request has received so far: enough to continue it on another
+    replica if its own fails (`GenerationService` migrates it)."""
+
+    __slots__ = ("text_chars", "token_ids")
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text_chars = 0
 
 
 class RequestStream(Protocol):
@@ -62,11 +78,13 @@ class RequestSink:
         "_loop",
         "_waiter",
         "choices",
+        "completion_offset",
         "ended",
         "fresh",
         "held",
         "items",
         "limit",
+        "output",
         "overflowed",
         "request_id",
         "stream",
@@ -88,16 +106,28 @@ class RequestSink:
         """No delta has arrived yet."""
         self.held = False
         """A delta of this request waits in the reader's batch: the next ones wait too."""
+        self.output: Output | None = None
+        """Where the token ids and text length of each delta are recorded, when the request
+        may migrate."""
+        self.completion_offset = 0
+        """Tokens produced before this (migrated) request began: added to its last delta's
+        completion count, so the usage covers the whole output."""
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     def push(self, delta: replica_pb2.RequestDelta) -> None:
         items = self.items
         items.append(delta)
+        output = self.output
+        if output is not None and delta.finish_reason != "error":
+            output.token_ids.extend(delta.token_ids)
+            output.text_chars += len(delta.text)
         if delta.finish_reason:
             self.choices -= 1
             if self.choices <= 0 or delta.finish_reason == "error":
                 self.ended = True
+            if self.completion_offset and delta.finish_reason != "error":
+                delta.completion_tokens += self.completion_offset
         elif len(items) > self.limit and not self.overflowed:
             self.overflowed = True
             self.ended = True
@@ -243,15 +273,27 @@ class GenerateStream:
         except asyncio.CancelledError:
             self._fail_all("gateway closing the replica connection")
             raise
+        lost = bool(self.pending)
         self._fail_all(f"replica {client.replica_id} stream failed ({reason})")
-        if not client.closing:
+        if client.closing:
+            return
+        if lost:
+            # Requests were running there: take the replica out at once (a probe brings
+            # it back within a fraction of a second if it is fine), so neither new
+            # requests nor the ones moving off it land on it meanwhile.
+            client.mark_not_ready(f"stream failed with requests running ({reason})")
+        else:
             client.transport_failed(reason)
 
     def _finished(self, request_id: str, delta: replica_pb2.RequestDelta) -> None:
-        """The request's last delta was handed out: forget it (a replica not ready leaves)."""
+        """The request's last delta was handed out: forget it. A replica not ready (or whose
+        engine died) leaves the rotation; failed requests count toward the threshold."""
         self.pending.pop(request_id, None)
-        if delta.error.code == UNAVAILABLE:
+        code = delta.error.code
+        if code == UNAVAILABLE:
             self.client.mark_not_ready(delta.error.message)
+        elif code == INTERNAL:
+            self.client.request_failed(delta.error.message)
 
     def _fail_all(self, message: str) -> None:
         self.closed = True
@@ -381,6 +423,25 @@ class ReplicaClient:
             self._set_healthy(False)
         self._ensure_probe()
 
+    def request_failed(self, reason: str) -> None:
+        """The engine failed a request: counts toward the threshold like a transport failure
+        (a replica whose every request fails leaves the rotation)."""
+        self.failures += 1
+        log.debug(
+            "replica %s failed a request (%d in a row): %s", self.replica_id, self.failures, reason
+        )
+        if self.failures >= self.failure_threshold and self.stats.healthy:
+            log.warning(
+                "replica %s (%s) failed %d requests in a row: %s",
+                self.replica_id,
+                self.address,
+                self.failures,
+                reason,
+            )
+            self._set_healthy(False)
+            # Its Health may well say ready: wait before the probe lets it back.
+            self._ensure_probe(first_delay=PROBE_MAX_DELAY_S)
+
     def transport_failed(self, reason: str) -> None:
         self.failures += 1
         log.warning(
@@ -404,10 +465,12 @@ class ReplicaClient:
             if self._on_change is not None:
                 self._on_change()
 
-    def _ensure_probe(self) -> None:
+    def _ensure_probe(self, first_delay: float = 0.0) -> None:
         if self.closing or (self._probe is not None and not self._probe.done()):
             return
-        self._probe = asyncio.create_task(self._probe_loop(), name=f"probe-{self.replica_id}")
+        self._probe = asyncio.create_task(
+            self._probe_loop(first_delay), name=f"probe-{self.replica_id}"
+        )
 
     async def probe_once(self) -> bool:
         """One Health call; True when the replica is ready. Updates load and health."""
@@ -447,7 +510,9 @@ class ReplicaClient:
         self._set_healthy(True)
         return True
 
-    async def _probe_loop(self) -> None:
+    async def _probe_loop(self, first_delay: float = 0.0) -> None:
+        if first_delay:
+            await asyncio.sleep(first_delay)
         delay = 0.1
         while not self.closing:
             if await self.probe_once():

@@ -21,9 +21,16 @@ _FAST_RECONNECT = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
+KEEPALIVE_TIME_MS = 1_000
+KEEPALIVE_TIMEOUT_MS = 1_000
+"""Long-lived streams ping their server every second and give up on a peer that has not
+answered within another: a replica or controller whose host is cut off is noticed in
+about two seconds, even while a stream waits for its next message. Pings are answered
+by gRPC's own threads, so a busy peer still answers; one ping costs a few dozen bytes."""
+
 _CLIENT_KEEPALIVE = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
@@ -35,8 +42,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # Clients ping every 10 s; permit twice that rate before calling it abuse.
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Clients ping every second; permit twice that rate, and never answer a client that
+    # pings too often with GOAWAY (which would break every stream on the connection).
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 """Every gRPC server: the controller's and each replica's."""
 

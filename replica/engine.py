@@ -35,7 +35,20 @@ from protos import replica_pb2
 from replica.chat import PromptSource, prompt_source
 from replica.sampling import InvalidRequest, Limits, Sampling, parse_sampling
 
-__all__ = ["Delta", "Engine", "EngineLoad", "InvalidRequest", "Prepared", "PromptSource"]
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineDead",
+    "EngineLoad",
+    "InvalidRequest",
+    "Prepared",
+    "PromptSource",
+]
+
+
+class EngineDead(Exception):
+    """The engine itself is gone (its core process died): no request can succeed until
+    the replica restarts. Raised by `Engine.generate` for every request from then on."""
 
 
 @dataclass(slots=True)
@@ -73,6 +86,11 @@ class Prepared:
     prompt_text: str = ""
     engine_params: Any = None
     """The engine's own form of `sampling` (vLLM's SamplingParams), built once."""
+    resumed: int = 0
+    """A migrated request: how many of `prompt_token_ids` (at the end) are the output it
+    had before its replica failed, continued from here."""
+    pending_text: str = ""
+    """A migrated request: the text of that output the gateway never received, sent first."""
 
 
 @dataclass(slots=True)
@@ -97,6 +115,17 @@ class Engine(abc.ABC):
         self._tokenizer_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{self.model_name}-tokenize"
         )
+        self.dead = asyncio.Event()
+        """Set once the engine died; the replica then stops so its scheduler restarts it."""
+        self.death = ""
+        """Why the engine died, once it has."""
+
+    def died(self, reason: str) -> EngineDead:
+        """Record that the engine is gone (logged once); the error to raise for a request."""
+        if not self.dead.is_set():
+            self.death = reason
+            self.dead.set()
+        return EngineDead(f"engine died: {self.death}")
 
     @property
     @abc.abstractmethod
@@ -145,12 +174,29 @@ class Engine(abc.ABC):
     ) -> Prepared:
         text, ids = self._render(source)
         self._check_prompt(ids)
+        resumed = list(request.resume.token_ids)
+        if resumed:
+            self.check_token_ids("resume.token_ids", resumed)
+            ids = ids + resumed
+            self._check_prompt(ids)
         sampling = parse_sampling(request.sampling, self.limits, len(ids), source.is_chat)
         prepared = Prepared(
             request_id=engine_request_id, prompt_token_ids=ids, sampling=sampling, prompt_text=text
         )
+        if resumed:
+            if sampling.n > 1 or sampling.structured is not None:
+                raise InvalidRequest("resume: only a one-choice request without structured output")
+            prepared.resumed = len(resumed)
+            # A token whose bytes end mid-character decodes to U+FFFD; the next
+            # token completes the character, so it is not pending text.
+            unsent = self._output_text(resumed, sampling)[request.resume.text_chars :]
+            prepared.pending_text = unsent.rstrip("\ufffd")
         prepared.engine_params = self._engine_params(prepared)
         return prepared
+
+    def _output_text(self, ids: list[int], sampling: Sampling) -> str:
+        """Generated token ids as the engine would have streamed their text."""
+        return self._detokenize(ids)
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -230,10 +276,16 @@ class Engine(abc.ABC):
         swallowed. GeneratorExit (the consumer closed this generator early)
         takes the same path.
         """
+        if self.dead.is_set():
+            raise EngineDead(f"engine died: {self.death}")
         try:
             async with contextlib.aclosing(self._stream(prepared)) as deltas:
-                async for delta in deltas:
-                    yield delta
+                if prepared.resumed:
+                    async for delta in _resumed(prepared, deltas):
+                        yield delta
+                else:
+                    async for delta in deltas:
+                        yield delta
         except (asyncio.CancelledError, GeneratorExit):
             await self.abort(prepared.request_id)
             raise
@@ -247,6 +299,23 @@ class Engine(abc.ABC):
     async def abort(self, request_id: str) -> None:
         """Free what the engine holds for a request (all its choices); a no-op for an
         unknown or finished one."""
+
+
+async def _resumed(
+    prepared: Prepared, deltas: AsyncGenerator[Delta, None]
+) -> AsyncGenerator[Delta, None]:
+    """A migrated request's deltas as the wire contract has them: the pending text first,
+    no prompt ids or prompt logprobs again, and totals without the resumed tokens."""
+    first = True
+    async for delta in deltas:
+        if first:
+            first = False
+            delta.text = prepared.pending_text + delta.text
+            delta.prompt_token_ids = None
+            delta.prompt_logprobs = None
+        if delta.last:
+            delta.prompt_tokens -= prepared.resumed
+        yield delta
 
 
 def create_engine(deployment: Deployment) -> Engine:

@@ -12,7 +12,9 @@ runs and check exact shapes:
   Rendered chat is one line per message, `role: content`.
 - Text: choice 0 walks the word list from a place set by the prompt's hash
   (plus the seed, when given); choice i uses the same walk with i folded
-  into every word ("of1 tokens1 ..."), so choices are distinct. Sampling
+  into every word ("of1 tokens1 ..."), so choices are distinct. A migrated
+  request (`resume`) walks on from where its output stopped, so its text
+  is exactly the rest of an uninterrupted run's. Sampling
   values (temperature, penalties, logit_bias...) are validated but do not
   change the words.
 - Stops as vLLM does: stop strings (checked once min_tokens are out, cut from
@@ -199,7 +201,10 @@ class _FakeRequest:
         sampling = self.prepared.sampling
         offset = self.offset + (sampling.seed or 0)
         pieces: list[tuple[str, int]] | None = self.prepared.engine_params
-        self.choices = [_FakeChoice(self.prepared, i, offset, pieces) for i in range(sampling.n)]
+        start = self.prepared.resumed  # a migrated request walks on from where it stopped
+        self.choices = [
+            _FakeChoice(self.prepared, i, offset, pieces, start) for i in range(sampling.n)
+        ]
 
     def step(self) -> list[Delta]:
         """One engine step: a delta for every choice still running."""
@@ -229,6 +234,8 @@ class _FakeChoice:
     index: int
     offset: int
     pieces: list[tuple[str, int]] | None
+    start: int = 0
+    """Tokens produced before this request (a migrated request continues the walk)."""
     produced: int = 0
     text: str = ""
     sent: int = 0
@@ -276,10 +283,11 @@ class _FakeChoice:
     def _next_token(self) -> tuple[str, int]:
         if self.pieces is not None:
             return self.pieces[self.produced]
-        j = (self.offset + self.produced) % len(_WORDS)
+        position = self.start + self.produced
+        j = (self.offset + position) % len(_WORDS)
         token_id = self.index * len(_WORDS) + j
         word = word_for(token_id)
-        return (word if self.produced == 0 else " " + word), token_id
+        return (word if position == 0 else " " + word), token_id
 
 
 def _find_stop(text: str, new_chars: int, stops: list[str]) -> tuple[int, str] | None:

@@ -157,9 +157,18 @@ async def serve(
     if loading.done() and loading.exception() is None:
         service.ready = True
         log.info("ready: %s on %s:%d", deployment.name, args.host, port)
-        await stopping
-        log.info("stopping: draining up to %.0f s", args.drain_timeout)
-        await service.drain(args.drain_timeout)
+        dead = asyncio.create_task(engine.dead.wait(), name="engine-death")
+        await asyncio.wait({stopping, dead}, return_when=asyncio.FIRST_COMPLETED)
+        dead.cancel()
+        if engine.dead.is_set():
+            # Health says not ready from now on; what is still in flight has failed
+            # already. Exit with an error so the scheduler restarts this replica.
+            log.error("engine died (%s); stopping so the replica is restarted", engine.death)
+            code = 1
+            await service.drain(min(args.drain_timeout, 2.0))
+        else:
+            log.info("stopping: draining up to %.0f s", args.drain_timeout)
+            await service.drain(args.drain_timeout)
     elif loading.done():
         exc = loading.exception()
         if isinstance(exc, ModelError):

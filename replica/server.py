@@ -41,7 +41,7 @@ import grpc
 from mss.logs import request_id_var
 from mss.rpc import status_number
 from protos import replica_pb2, replica_pb2_grpc
-from replica.engine import Engine, InvalidRequest
+from replica.engine import Engine, EngineDead, InvalidRequest
 from replica.metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
         self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> replica_pb2.HealthResponse:
         return replica_pb2.HealthResponse(
-            ready=self.ready and not self.draining,
+            ready=self.ready and not self.draining and not self.engine.dead.is_set(),
             model=self.engine.model_name,
             load=self.load_pb(),
             draining=self.draining,
@@ -236,8 +236,11 @@ class _Stream:
         if rid in self.tasks:
             self.reject(rid, INVALID_ARGUMENT, f"request_id: {rid!r} is already running")
             return
-        if not service.ready or service.draining:
-            reason = "draining" if service.draining else "loading"
+        if not service.ready or service.draining or service.engine.dead.is_set():
+            if service.engine.dead.is_set():
+                reason = f"down: {service.engine.death}"
+            else:
+                reason = "draining" if service.draining else "loading"
             self.reject(rid, UNAVAILABLE, f"replica {service.replica_id} is {reason}")
             return
         if service.in_flight >= service.max_in_flight:
@@ -291,11 +294,24 @@ class _Stream:
         """
         try:
             return await self._serve(rid, request)
+        except EngineDead as exc:
+            # UNAVAILABLE: the gateway takes this replica out of rotation and moves
+            # the request elsewhere; the replica stops and its scheduler restarts it.
+            log.warning("failed: %s", exc)
+            self.push(
+                request_id=rid,
+                finish_reason="error",
+                error=replica_pb2.RequestError(
+                    code=UNAVAILABLE, message=f"replica {self.service.replica_id}: {exc}"
+                ),
+            )
+            return "error"
         except Exception as exc:
-            # The engine failed this request: logged with its traceback, and the
-            # gateway told, so it can retry or end the stream with an error,
-            # while this replica keeps serving the others.
-            log.exception("engine failed the request")
+            # The engine failed this request: one line (the traceback at debug
+            # level), and the gateway told, so it can retry or end the stream
+            # with an error, while this replica keeps serving the others.
+            traceback = log.isEnabledFor(logging.DEBUG)
+            log.error("engine failed the request: %r", exc, exc_info=traceback)
             self.push(
                 request_id=rid,
                 finish_reason="error",

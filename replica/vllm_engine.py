@@ -23,6 +23,7 @@ from replica.sampling import Limits, Sampling
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+CORE_CHECK_INTERVAL_S = 0.5
 
 
 class VllmEngine(Engine):
@@ -34,6 +35,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._limits = Limits(vocab_size=0, max_model_len=self.max_model_len)
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         from replica.model_store import resolve_model
@@ -56,6 +58,15 @@ class VllmEngine(Engine):
             max_n=args.max_num_seqs,
         )
         log.info("engine ready in %.1f s", time.monotonic() - started)
+        self._watcher = asyncio.create_task(self._watch_core(), name="engine-core-watch")
+
+    async def _watch_core(self) -> None:
+        """Notice the engine core dying while no request runs (a request notices at once)."""
+        while self._llm is not None and not self.dead.is_set():
+            if self._llm.errored:
+                self.died(f"engine core stopped: {self._llm.dead_error}")
+                return
+            await asyncio.sleep(CORE_CHECK_INTERVAL_S)
 
     def _build(self, path: str) -> Any:
         from vllm.config import StructuredOutputsConfig
@@ -194,6 +205,15 @@ class VllmEngine(Engine):
     def _detokenize(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids))
 
+    def _output_text(self, ids: list[int], sampling: Sampling) -> str:
+        return str(
+            self._tokenizer.decode(
+                ids,
+                skip_special_tokens=sampling.skip_special_tokens,
+                spaces_between_special_tokens=sampling.spaces_between_special_tokens,
+            )
+        )
+
     def _engine_params(self, prepared: Prepared) -> Any:
         """vLLM's SamplingParams, checked as vLLM's input processor checks them.
 
@@ -234,53 +254,62 @@ class VllmEngine(Engine):
         """
         sampling = prepared.sampling
         want_logprobs = sampling.logprobs is not None
+        want_prompt_logprobs = sampling.prompt_logprobs is not None
         pending_prompt: list[int] | None = prepared.prompt_token_ids
         prompt_logprobs: list[replica_pb2.TokenLogprob] | None = None
         produced = 0
-        async for out in self._llm.generate(
+        outputs = self._llm.generate(
             {"prompt_token_ids": prepared.prompt_token_ids},
             prepared.engine_params,
             request_id=prepared.request_id,
-        ):
-            if sampling.prompt_logprobs is not None and out.prompt_logprobs and not prompt_logprobs:
-                prompt_logprobs = self._prompt_logprobs(
-                    prepared.prompt_token_ids, out.prompt_logprobs
-                )
-            delta = None
-            for completion in out.outputs:
-                token_ids = completion.token_ids
-                produced += len(token_ids)
-                delta = Delta(
-                    text=completion.text,
-                    num_tokens=len(token_ids),
-                    index=completion.index,
-                    token_ids=token_ids,
-                )
-                if want_logprobs and completion.logprobs is not None:
-                    delta.logprobs = self._logprobs(token_ids, completion.logprobs)
-                if pending_prompt is not None and completion.index == 0:
-                    delta.prompt_token_ids, pending_prompt = pending_prompt, None
-                    delta.prompt_logprobs = prompt_logprobs
-                if completion.finish_reason is not None:
-                    delta.finish_reason = completion.finish_reason
-                    if completion.stop_reason is not None:
-                        delta.stop_reason = str(completion.stop_reason)
-                if out.finished and completion is out.outputs[-1]:
-                    delta.last = True
-                    delta.finish_reason = delta.finish_reason or "stop"
-                    delta.prompt_tokens = len(prepared.prompt_token_ids)
-                    delta.completion_tokens = produced
-                yield delta
-            if out.finished and delta is None:
-                # Finished with nothing new (every choice had already reported).
-                yield Delta(
-                    text="",
-                    num_tokens=0,
-                    last=True,
-                    finish_reason="stop",
-                    prompt_tokens=len(prepared.prompt_token_ids),
-                    completion_tokens=produced,
-                )
+        )
+        try:
+            async for out in outputs:
+                if want_prompt_logprobs and out.prompt_logprobs and not prompt_logprobs:
+                    prompt_logprobs = self._prompt_logprobs(
+                        prepared.prompt_token_ids, out.prompt_logprobs
+                    )
+                delta = None
+                for completion in out.outputs:
+                    token_ids = completion.token_ids
+                    produced += len(token_ids)
+                    delta = Delta(
+                        text=completion.text,
+                        num_tokens=len(token_ids),
+                        index=completion.index,
+                        token_ids=token_ids,
+                    )
+                    if want_logprobs and completion.logprobs is not None:
+                        delta.logprobs = self._logprobs(token_ids, completion.logprobs)
+                    if pending_prompt is not None and completion.index == 0:
+                        delta.prompt_token_ids, pending_prompt = pending_prompt, None
+                        delta.prompt_logprobs = prompt_logprobs
+                    if completion.finish_reason is not None:
+                        delta.finish_reason = completion.finish_reason
+                        if completion.stop_reason is not None:
+                            delta.stop_reason = str(completion.stop_reason)
+                    if out.finished and completion is out.outputs[-1]:
+                        delta.last = True
+                        delta.finish_reason = delta.finish_reason or "stop"
+                        delta.prompt_tokens = len(prepared.prompt_token_ids)
+                        delta.completion_tokens = produced
+                    yield delta
+                if out.finished and delta is None:
+                    # Finished with nothing new (every choice had already reported).
+                    yield Delta(
+                        text="",
+                        num_tokens=0,
+                        last=True,
+                        finish_reason="stop",
+                        prompt_tokens=len(prepared.prompt_token_ids),
+                        completion_tokens=produced,
+                    )
+        except Exception as exc:
+            # Once the engine core is gone every request fails the same way: say so
+            # once, and let the replica stop so its scheduler restarts it.
+            if self._llm.errored:
+                raise self.died(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     def _logprobs(self, token_ids: Sequence[int], steps: Any) -> list[replica_pb2.TokenLogprob]:
         """One entry per token: its logprob and the engine's alternatives in vLLM's order
@@ -337,6 +366,8 @@ class VllmEngine(Engine):
         return int(self._llm.get_num_unfinished_requests()) if self._llm else 0
 
     async def shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)

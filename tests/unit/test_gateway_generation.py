@@ -19,13 +19,20 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway import generation as generation_module
+from gateway import metrics
 from gateway.admission import ClientLimiter
 from gateway.api_models import GenerationInput, OutputOptions
 from gateway.errors import ApiError
 from gateway.gateway import Gateway, GatewayOptions, rejection_reason
-from gateway.generation import GenerationRequest, GenerationService
+from gateway.generation import (
+    GenerationRequest,
+    GenerationService,
+    build_request,
+    continuation,
+)
 from gateway.openai_stream import RichChatFormat, RichCompletionFormat
-from gateway.replica_client import ReplicaClient, RequestSink
+from gateway.replica_client import Output, ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter, RoutingTable
 from gateway.sse import SeedFormat, StreamFormat
 from mss.rpc import status_number
@@ -283,15 +290,64 @@ async def test_a_failure_before_the_first_token_is_retried_on_another_replica(
     assert_released(svc, router, fakes)
 
 
-async def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(
+def say_ids(fake: FakeReplica, text: str, ids: list[int], finish: str = "", usage: int = 0) -> None:
+    """A delta with its token ids for the latest request, as a replica sends them."""
+    sink = fake.sinks[-1]
+    sink.push(
+        replica_pb2.RequestDelta(
+            request_id=sink.request_id,
+            text=text,
+            token_ids=ids,
+            num_tokens=len(ids),
+            finish_reason=finish,
+            prompt_tokens=2 if finish else 0,
+            completion_tokens=usage,
+        )
+    )
+
+
+async def test_a_replica_failing_after_the_first_token_hands_the_rest_to_another(
     table: RoutingTable,
 ) -> None:
     router, fakes = model_router(table, "late-failure")
     svc, http = service(), FakeHttp()
     task = start(svc, router, http, generation("late-failure"))
     await until(lambda: fakes[0].sinks, "the request reaching a replica")
-    fakes[0].say("partial")
+    say_ids(fakes[0], "partial", [7])
+    say_ids(fakes[0], " text", [8, 9])
+    await until(lambda: http.events(), "the first tokens")
+    fakes[0].stats.healthy = False  # what a broken stream or UNAVAILABLE does to a replica
+    fakes[0].fail(grpc.StatusCode.UNAVAILABLE, "engine died")
+
+    await until(lambda: fakes[1].sinks, "the continuation reaching the other replica")
+    cont = fakes[1].requests[0]
+    assert list(cont.resume.token_ids) == [7, 8, 9] and cont.resume.text_chars == 12
+    assert cont.sampling.max_tokens == 16 - 3 and cont.prompt == "hello"
+    assert cont.request_id == "rid.m1"
+    say_ids(fakes[1], " goes on", [10], finish="stop", usage=1)
+
+    assert await task == 200
+    events = http.events()
+    assert [e["token"] for e in events] == ["partial", " text", " goes on", ""]
+    assert events[-1]["finish_reason"] == "stop"
+    assert events[-1]["usage"]["completion_tokens"] == 4  # 3 before the move, 1 after
+    assert b"event: error" not in http.body_bytes
+    moved = metrics.MIGRATIONS.labels("late-failure", "unavailable", "moved")
+    assert moved._value.get() == 1
+    assert_released(svc, router, fakes)
+
+
+async def test_a_request_that_cannot_move_ends_with_an_error_event(
+    table: RoutingTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(generation_module, "MIGRATION_WAIT_S", 0.2)
+    router, fakes = model_router(table, "nowhere", replicas=1)
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("nowhere"))
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    say_ids(fakes[0], "partial", [7])
     await until(lambda: http.events(), "the first token")
+    fakes[0].stats.healthy = False
     fakes[0].fail(grpc.StatusCode.UNAVAILABLE, "engine died")
 
     assert await task == 200  # the status went out with the first token
@@ -301,8 +357,24 @@ async def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_eve
     assert error["error"]["code"] == 503 and error["error"]["type"] == "ServiceUnavailableError"
     assert "engine died" in error["error"]["message"]
     assert b"event: error" in http.body_bytes and http.ended()
-    assert fakes[1].requests == []  # output had begun: never retried, never duplicated
+    assert len(fakes[0].requests) == 1  # never sent again to the failed replica
+    assert metrics.MIGRATIONS.labels("nowhere", "unavailable", "gave_up")._value.get() == 1
     assert_released(svc, router, fakes)
+
+
+def test_a_continuation_resumes_after_the_output_with_the_bounds_reduced() -> None:
+    request = build_request(GenerationInput(prompt="hello"), "rid", 10)
+    request.sampling.min_tokens = 4
+    request.sampling.prompt_logprobs = 2
+    output = Output()
+    output.token_ids.extend([1, 2, 3])
+    output.text_chars = 9
+    cont = continuation(request, output, "rid.m1")
+    assert cont.request_id == "rid.m1" and cont.prompt == "hello"
+    assert cont.sampling.max_tokens == 7 and cont.sampling.min_tokens == 1
+    assert not cont.sampling.HasField("prompt_logprobs")
+    assert list(cont.resume.token_ids) == [1, 2, 3] and cont.resume.text_chars == 9
+    assert request.request_id == "rid" and not request.HasField("resume")  # left as it was
 
 
 @pytest.mark.parametrize(
