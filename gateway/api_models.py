@@ -21,7 +21,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, quote
 from protos import replica_pb2
 
 MAX_STOP = 4
@@ -160,13 +160,10 @@ class GenerationInput:
 
 def _validation_error(exc: ValidationError) -> ApiError:
     err = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in err["loc"]) or "body"
+    where = quote(".".join(str(part) for part in err["loc"]) or "body")
     message = f"{where}: {err['msg']}"
     if err["type"] not in ("missing", "extra_forbidden"):
-        given = orjson.dumps(err.get("input"), default=str).decode()
-        if len(given) > 60:
-            given = given[:57] + "..."
-        message += f" (got {given})"
+        message += f" (got {quote(orjson.dumps(err.get('input'), default=str).decode())})"
     elif err["type"] == "extra_forbidden":
         message = f"{where}: unknown field"
     return ApiError(400, message, param=where, code="invalid_value")
@@ -210,11 +207,13 @@ def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
         except ValueError:
             token = -1
         if token < 0 or token >= 2**31:
-            raise ApiError(400, f"logit_bias: keys are token ids, got {key!r}", param="logit_bias")
+            raise ApiError(
+                400, f"logit_bias: keys are token ids, got {quote(repr(key))}", param="logit_bias"
+            )
         if not -100 <= value <= 100:
             raise ApiError(
                 400,
-                f"logit_bias: {key}: bias must be in [-100, 100], got {value:g}",
+                f"logit_bias: {quote(key)}: bias must be in [-100, 100], got {value:g}",
                 param="logit_bias",
             )
         out[token] = value
@@ -276,7 +275,7 @@ def _content(message: ChatMessage, where: str) -> str:
             raise ApiError(
                 400,
                 f"{where}.content.{i}: only text parts ({{'type': 'text', 'text': ...}}) are "
-                f"supported, got type {kind!r}",
+                f"supported, got type {quote(repr(kind))}",
                 param=f"{where}.content",
             )
         texts.append(text)

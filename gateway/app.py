@@ -32,12 +32,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway import metrics, tokenize_api
 from gateway.api_models import decode_json, openapi_schemas
-from gateway.errors import ApiError, ErrorBody
+from gateway.errors import ApiError, ErrorBody, quote
 from gateway.gateway import Gateway, GatewayOptions
-from gateway.request_reader import CHAT_ROUTE, COMPLETIONS_ROUTE, SEED_ROUTE
+from gateway.request_reader import CHAT_ROUTE, COMPLETIONS_ROUTE, SEED_ROUTE, read_body
 from mss.logs import request_id_var
 
 log = logging.getLogger("gateway")
@@ -129,6 +130,9 @@ def create_api(gateway: Gateway) -> FastAPI:
         version="0.1.0",
         summary="Streams tokens from LLM replicas as server-sent events; OpenAI-compatible.",
         lifespan=lifespan,
+        # A trailing slash is another path (404), never a redirect: Starlette builds the
+        # redirect's Location from the client's Host header.
+        redirect_slashes=False,
     )
     app.state.gateway = gateway
     error_docs: dict[int | str, dict[str, Any]] = {
@@ -228,14 +232,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def _json_body(request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            raise ApiError(415, f"content-type {ctype!r} is not supported; send application/json")
-        body = await request.body()
-        if len(body) > gateway.settings.max_body_bytes:
-            raise ApiError(
-                413, f"body is over the limit of {gateway.settings.max_body_bytes} bytes"
-            )
+        body, _ = await read_body(request, gateway.settings.max_body_bytes, allow_text=False)
         return decode_json(body)
 
     @app.post(
@@ -306,8 +303,9 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        path = request.url.path
-        message = {404: f"no route {path}", 405: f"method {request.method} not allowed on {path}"}
+        path = quote(request.url.path)
+        method = quote(request.method)
+        message = {404: f"no route {path}", 405: f"method {method} not allowed on {path}"}
         response = _error_response(
             ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
         )
@@ -318,8 +316,14 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        where = quote(".".join(str(p) for p in first.get("loc", ())) or "request")
         return _error_response(ApiError(400, f"{where}: {first.get('msg')}", param=where))
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+        path = quote(repr(request.url.path))
+        log.info("client left before sending its whole request to %s", path)
+        return Response(status_code=499)  # goes nowhere: the connection is closed
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
