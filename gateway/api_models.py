@@ -16,10 +16,10 @@ strings, penalties in [-2, 2]...), so the same bad input gets the same status.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from gateway.errors import ApiError, quote
 from protos import replica_pb2
@@ -31,6 +31,19 @@ MAX_LOGPROBS = 20
 MAX_N = 64
 """Choices per request (vLLM allows more; a CPU replica cannot run them usefully)."""
 INT64 = 2**63
+
+
+def _integral(value: Any) -> Any:
+    """A JSON number without a fraction as an int (1.0 -> 1): JSON Schema counts it an
+    integer, and vLLM's server takes it. Anything else is left to the strict check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+"""An integer field: strict (no strings, no booleans), but 1.0 is 1."""
+TokenId = Annotated[Int, Field(ge=0, lt=2**31)]
 
 
 class ToolCallFunction(BaseModel):
@@ -71,23 +84,23 @@ class SamplingFields(BaseModel):
     """The sampling fields every generation route accepts (vLLM's names and bounds)."""
 
     model_config = ConfigDict(strict=True)
-    max_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    max_tokens: Int | None = Field(None, ge=1, le=1_048_576)
     """Most tokens to generate; at most the model's configured limit (its default too)."""
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Int | None = Field(None, ge=-1)
     """0 or -1: no top-k."""
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=1e6)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    seed: Int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     """Up to 4 strings that end the output when generated."""
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     logit_bias: dict[str, float] | None = None
     """Token id (as a string) -> bias in [-100, 100] added to its logit."""
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -249,10 +262,6 @@ def sampling_message(req: SamplingFields) -> replica_pb2.SamplingParams:
         if value is not None:
             setattr(sampling, name, value)
     if req.stop_token_ids:
-        if any(not 0 <= t < 2**31 for t in req.stop_token_ids):
-            raise ApiError(
-                400, "stop_token_ids: token ids must be non-negative", param="stop_token_ids"
-            )
         sampling.stop_token_ids.extend(req.stop_token_ids)
     if req.logit_bias:
         sampling.logit_bias.update(_logit_bias(req.logit_bias))
@@ -308,8 +317,6 @@ def chat_messages(messages: list[ChatMessage]) -> list[replica_pb2.ChatMessage]:
                 )
             wire.tool_calls_json = orjson.dumps([c.model_dump() for c in m.tool_calls]).decode()
         out.append(wire)
-    if not any(m.content or m.tool_calls_json for m in out):
-        raise ApiError(400, "messages: every message is empty", param="messages")
     return out
 
 

@@ -23,18 +23,20 @@ tool_choice, structured outputs, logprobs, stream_options).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from gateway.api_models import (
     MAX_LOGPROBS,
     MAX_N,
     ChatMessage,
     GenerationInput,
+    Int,
     OutputOptions,
     SamplingFields,
+    TokenId,
     chat_messages,
     sampling_message,
     validate,
@@ -180,7 +182,7 @@ class _OpenAIFields(SamplingFields):
     model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = Field(None, min_length=1)
     """The model; may be left out when the gateway routes exactly one."""
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    n: Int | None = Field(1, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -199,9 +201,9 @@ class ChatCompletionRequest(_OpenAIFields):
     """Body of `POST /v1/chat/completions` (OpenAI's fields and vLLM's extensions)."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    max_completion_tokens: Int | None = Field(None, ge=1, le=1_048_576)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(0, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(0, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -218,14 +220,34 @@ class ChatCompletionRequest(_OpenAIFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+_PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "maxItems": 1,
+        },
+        {**_TOKEN_IDS, "minItems": 1},
+        {"type": "array", "items": {**_TOKEN_IDS, "minItems": 1}, "minItems": 1, "maxItems": 1},
+    ]
+}
+"""What `prompt` accepts, as `_prompt` checks it: not empty, one prompt (vLLM refuses an
+empty prompt; the field's type alone would allow one)."""
+
+
 class CompletionRequest(_OpenAIFields):
     """Body of `POST /v1/completions` (OpenAI's fields and vLLM's extensions)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    """One prompt: a string or token ids (a list of one of either)."""
-    max_tokens: int | None = Field(16, ge=1, le=1_048_576)
+    prompt: Annotated[
+        str | list[str] | list[TokenId] | list[list[TokenId]], WithJsonSchema(_PROMPT_SCHEMA)
+    ]
+    """One prompt, not empty: a string or token ids (a list of one of either)."""
+    max_tokens: Int | None = Field(16, ge=1, le=1_048_576)
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
@@ -527,10 +549,7 @@ def _prompt(req: CompletionRequest) -> tuple[str, list[int]]:
                 param="prompt",
             )
         if isinstance(prompt[0], int):
-            ids = [int(t) for t in prompt if isinstance(t, int)]
-            if any(t < 0 for t in ids):
-                raise ApiError(400, "prompt: token ids must be non-negative", param="prompt")
-            return "", ids
+            return "", [int(t) for t in prompt if isinstance(t, int)]
         if len(prompt) != 1:
             raise ApiError(
                 400,
@@ -539,10 +558,8 @@ def _prompt(req: CompletionRequest) -> tuple[str, list[int]]:
             )
         first = prompt[0]
         if isinstance(first, list):
-            if not first or any(t < 0 for t in first):
-                raise ApiError(
-                    400, "prompt: token ids must be non-negative, and some", param="prompt"
-                )
+            if not first:
+                raise ApiError(400, "prompt: the list of token ids is empty", param="prompt")
             return "", list(first)
         prompt = first
     if not prompt:

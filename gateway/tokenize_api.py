@@ -16,7 +16,7 @@ import grpc
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api_models import ChatMessage, chat_messages, validate
+from gateway.api_models import ChatMessage, TokenId, chat_messages, validate
 from gateway.errors import ApiError
 from gateway.generation import replica_error
 from gateway.openai_requests import Tool, tools_to_json
@@ -52,7 +52,7 @@ class TokenizeChatRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_048_576)
+    tokens: list[TokenId] = Field(max_length=1_048_576)
 
 
 TOKENIZE_MODELS: tuple[type[BaseModel], ...] = (
@@ -109,8 +109,6 @@ def tokenize_request(data: dict[str, Any]) -> tuple[str, replica_pb2.TokenizeReq
 
 def detokenize_request(data: dict[str, Any]) -> tuple[str, replica_pb2.DetokenizeRequest]:
     req: DetokenizeRequest = validate(DetokenizeRequest, data)
-    if any(not 0 <= t < 2**31 for t in req.tokens):
-        raise ApiError(400, "tokens: token ids must be in [0, 2^31)", param="tokens")
     return req.model or "", replica_pb2.DetokenizeRequest(tokens=req.tokens)
 
 
