@@ -33,11 +33,11 @@ from gateway.api_models import (
     MAX_N,
     ChatMessage,
     GenerationInput,
-    Int,
     OutputOptions,
     SamplingFields,
     TokenId,
     chat_messages,
+    final_message_needs_no_generation_prompt,
     sampling_message,
     validate,
 )
@@ -130,12 +130,32 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+def _json_schema_given(schema: dict[str, Any]) -> None:
+    """The document says what `_structured` checks: type `json_schema` comes with one."""
+    schema["if"] = {"properties": {"type": {"const": "json_schema"}}}
+    schema["then"] = {
+        "required": ["json_schema"],
+        "properties": {
+            "json_schema": {
+                "type": "object",
+                "required": ["schema"],
+                "properties": {"schema": {"type": "object"}},
+            }
+        },
+    }
+
+
 class ResponseFormat(BaseModel):
     """`text`, `json_object`, `json_schema` (with its schema), or vLLM's `structural_tag`."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra=_json_schema_given)
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+
+
+_NO_NUL = r"^[^\x00]*$"
+_SOME_TEXT = r"^[^\x00]*[^\x00\s\x1c-\x1f][^\x00]*$"
+"""Not blank (as Python's `str.strip` sees it) and no NUL: what a replica accepts."""
 
 
 class StructuredOutputs(BaseModel):
@@ -143,11 +163,12 @@ class StructuredOutputs(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
     json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    structural_tag: str | None = None
+    regex: str | None = Field(None, pattern=_NO_NUL)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, pattern=_SOME_TEXT)
+    json_object: Annotated[bool | None, WithJsonSchema({"enum": [True, None]})] = None
+    """True or left out (a replica refuses false)."""
+    structural_tag: str | None = Field(None, pattern=_SOME_TEXT)
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
@@ -178,11 +199,21 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+def _openai_rules(schema: dict[str, Any]) -> None:
+    """The document says what `_stream_flags` checks: stream options need `stream` true."""
+    options_given = {
+        "properties": {"stream_options": {"type": "object"}},
+        "required": ["stream_options"],
+    }
+    stream_on = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
+    schema.setdefault("allOf", []).append({"if": options_given, "then": stream_on})
+
+
 class _OpenAIFields(SamplingFields):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_openai_rules)
     model: str | None = Field(None, min_length=1)
     """The model; may be left out when the gateway routes exactly one."""
-    n: Int | None = Field(1, ge=1, le=MAX_N)
+    n: int | None = Field(1, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -197,13 +228,40 @@ class _OpenAIFields(SamplingFields):
     return_token_ids: bool | None = None
 
 
+def _chat_rules(schema: dict[str, Any]) -> None:
+    """The document says what `_tools` and `_template` check across fields: a tool choice
+    other than none needs tools (and tools without a choice mean `auto`, which needs a
+    tool-call parser this gateway does not have); see `final_message_...` for the rest."""
+    _openai_rules(schema)
+    final_message_needs_no_generation_prompt(schema)
+    template_rule = {"if": schema.pop("if"), "then": schema.pop("then")}
+    choice = schema["properties"]["tool_choice"]
+    choice["anyOf"][0]["enum"].remove("auto")
+    choice["description"] = '"auto" needs a tool-call parser, and none is configured here'
+    schema["properties"]["tools"]["anyOf"][0]["minItems"] = 1
+    tools_given = {"properties": {"tools": {"type": "array"}}, "required": ["tools"]}
+    schema["allOf"] += [
+        template_rule,
+        {"if": tools_given, "then": {"required": ["tool_choice"]}},
+        {
+            "if": {
+                "properties": {"tool_choice": {"not": {"enum": ["none", None]}}},
+                "required": ["tool_choice"],
+            },
+            "then": tools_given,
+        },
+    ]
+
+
 class ChatCompletionRequest(_OpenAIFields):
     """Body of `POST /v1/chat/completions` (OpenAI's fields and vLLM's extensions)."""
 
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: Int | None = Field(None, ge=1, le=1_048_576)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
     logprobs: bool | None = False
-    top_logprobs: Int | None = Field(0, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(0, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -245,9 +303,9 @@ class CompletionRequest(_OpenAIFields):
         str | list[str] | list[TokenId] | list[list[TokenId]], WithJsonSchema(_PROMPT_SCHEMA)
     ]
     """One prompt, not empty: a string or token ids (a list of one of either)."""
-    max_tokens: Int | None = Field(16, ge=1, le=1_048_576)
+    max_tokens: int | None = Field(16, ge=1, le=1_048_576)
     echo: bool | None = False
-    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
