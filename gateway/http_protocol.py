@@ -173,7 +173,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.deadline is None and (self.cycle is None or self.cycle.response_complete):
-            self._expect_head()  # bytes of a next request on a kept-alive connection
+            # Bytes of a next request on a kept-alive connection. A request pipelined behind
+            # a response still going is not timed while it waits (uvicorn's keep-alive
+            # timeout and this deadline take over once that response ends).
+            self._expect_head()
         super().data_received(data)
 
     def on_message_begin(self) -> None:
@@ -181,8 +184,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         extensions: dict[str, Any] = {TRANSPORT_KEY: self.transport}
         self.scope["extensions"] = extensions
         self.head_bytes = 0
-        if self.deadline is None:  # a pipelined request behind one still answering
-            self._expect_head()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -197,8 +198,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.head_bytes = -1
         if self.transport.is_closing():  # refused while its head arrived: no app runs
             return
-        self.deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
+        pipelined = self.cycle is not None and not self.cycle.response_complete
         super().on_headers_complete()
+        if not pipelined:  # a pipelined request waits unread (uvicorn pauses reading)
+            self.deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
         if self.scope.get("http_version") == "1.0" and type(self.cycle) is RequestResponseCycle:
             # Its task is created but has not run: it sends through the subclass's `send`.
             self.cycle.__class__ = CloseDelimitedCycle
@@ -254,8 +257,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, exc: ApiError) -> None:
         """Answer `exc` in place of the app and close. The request's handler, if one runs,
-        sees the client gone."""
-        self.transport.write(error_response(exc))
+        sees the client gone. Behind a response still going (a pipelined head over the
+        limit) no answer can be framed: the connection just closes."""
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started or cycle.response_complete:
+            self.transport.write(error_response(exc))
         self.transport.close()
 
 
