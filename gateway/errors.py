@@ -60,9 +60,16 @@ def error_type(status: int) -> str:
 
 
 def error_object(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """The error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it."""
+    """The error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it.
+
+    The message is bounded here too: a stream's error event carries a replica's message."""
     return {
-        "error": {"message": message, "type": error_type(status), "param": param, "code": status}
+        "error": {
+            "message": quote(message, MESSAGE_LIMIT),
+            "type": error_type(status),
+            "param": param,
+            "code": status,
+        }
     }
 
 

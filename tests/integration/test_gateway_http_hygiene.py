@@ -239,16 +239,21 @@ def test_http_1_0_gets_no_chunked_encoding(gateway: Proc) -> None:
     assert len(events) == 4 and events[-1][1]["finished"] is True  # type: ignore[index]
 
 
-def test_a_client_leaving_mid_body_is_logged_without_a_traceback(gateway: Proc) -> None:
+@pytest.mark.parametrize(
+    ("path", "ctype"), [(f"/v1/chat/{FAKE_MODEL}", "text/plain"), ("/tokenize", "application/json")]
+)
+def test_a_client_leaving_mid_body_is_logged_without_a_traceback(
+    gateway: Proc, path: str, ctype: str
+) -> None:
     sock = connect(gateway)
     sock.sendall(
-        f"POST /v1/chat/{FAKE_MODEL} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
-        "Content-Length: 100\r\n\r\nhalf a bo".encode()
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        'Content-Length: 100\r\n\r\n{"prompt": '.encode()
     )
     time.sleep(0.2)  # the handler is waiting for the rest
     sock.close()
     deadline = time.monotonic() + CLOSED_WITHIN_S
-    while "client left before sending its whole request" not in gateway.log():
+    while f"client left before sending its whole request to '{path}'" not in gateway.log():
         assert time.monotonic() < deadline, gateway.log()[-2000:]
         time.sleep(0.1)
     log = gateway.log()
