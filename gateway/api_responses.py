@@ -191,6 +191,16 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 )
 
 
+def response_schemas() -> dict[str, Any]:
+    """Component schemas of the response bodies and events, refs pointing at components."""
+    schemas: dict[str, Any] = {}
+    for model in RESPONSE_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
 def ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 

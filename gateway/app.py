@@ -39,7 +39,6 @@ from gateway import metrics, tokenize_api
 from gateway.api_models import decode_json, openapi_schemas
 from gateway.api_responses import (
     BEARER,
-    RESPONSE_MODELS,
     SECURITY_SCHEMES,
     ChatCompletion,
     ChatCompletionChunk,
@@ -55,6 +54,7 @@ from gateway.api_responses import (
     error_responses,
     event_stream,
     json_content,
+    response_schemas,
 )
 from gateway.errors import ApiError, quote
 from gateway.gateway import Gateway, GatewayOptions
@@ -157,7 +157,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     # The routes `check_auth` guards; they need a key only when the gateway has keys.
     secured: dict[str, Any] = {"security": [{BEARER: []}]} if gateway.api_keys else {}
-    generation_errors = error_responses(400, 401, 404, 413, 415, 429, 503)
+    model_errors = error_responses(400, 401, 404, 413, 415, 429, 503)  # routes naming a model
 
     def generation_doc(
         reply: type[BaseModel], chunk: type[BaseModel], done: bool
@@ -173,7 +173,7 @@ def create_api(gateway: Gateway) -> FastAPI:
             f"chunk, `data:` holding its JSON: {end}.",
             "content": {**json_content(reply), "text/event-stream": event_stream(chunk, done)},
         }
-        return {200: ok, **generation_errors}
+        return {200: ok, **model_errors}
 
     def body_doc(schema: str, text: bool = False) -> dict[str, Any]:
         ref = {"$ref": f"#/components/schemas/{schema}"}
@@ -269,7 +269,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.post(
         "/tokenize",
         summary="Token ids of a prompt or of chat messages rendered with the chat template",
-        responses={200: {"model": TokenizeReply}, **generation_errors},
+        responses={200: {"model": TokenizeReply}, **model_errors},
         openapi_extra={
             **secured,
             "requestBody": {
@@ -296,7 +296,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.post(
         "/detokenize",
         summary="The text of token ids",
-        responses={200: {"model": DetokenizeReply}, **generation_errors},
+        responses={200: {"model": DetokenizeReply}, **model_errors},
         openapi_extra=body_doc("DetokenizeRequest"),
     )
     async def detokenize(request: Request) -> JSONResponse:
@@ -389,10 +389,7 @@ def create_api(gateway: Gateway) -> FastAPI:
             components = schema.setdefault("components", {})
             schemas = components.setdefault("schemas", {})
             schemas.update(openapi_schemas())
-            for model in RESPONSE_MODELS:
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(body.pop("$defs", {}))
-                schemas[model.__name__] = body
+            schemas.update(response_schemas())
             components["securitySchemes"] = SECURITY_SCHEMES
             # Bad input is a 400 (`on_validation_error`), never FastAPI's 422.
             for name in ("HTTPValidationError", "ValidationError"):
