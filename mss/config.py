@@ -156,7 +156,8 @@ class GatewaySettings(StrictModel):
     `timeout_keep_alive`). A streaming response is not idle: no timeout cuts it."""
     max_connections: int = Field(10_000, ge=1, le=1_000_000)
     """Open client connections per gateway process; a connection past it gets a 503 JSON
-    error with Retry-After once its request head is in, and is closed."""
+    error with Retry-After once its request head is in, and is closed. Keep it below the
+    process's open-file limit (`ulimit -n`), which also counts replica channels and logs."""
 
 
 class ClusterConfig(StrictModel):
