@@ -230,8 +230,8 @@ class _OpenAIFields(SamplingFields):
 
 def _chat_rules(schema: dict[str, Any]) -> None:
     """The document says what `_tools` and `_template` check across fields: a tool choice
-    other than none needs tools (and tools without a choice mean `auto`, which needs a
-    tool-call parser this gateway does not have); see `final_message_...` for the rest."""
+    other than none needs tools, tools without a choice mean `auto` (which needs a tool-call
+    parser this gateway does not have), and `final_message_needs_no_generation_prompt`."""
     _openai_rules(schema)
     final_message_needs_no_generation_prompt(schema)
     template_rule = {"if": schema.pop("if"), "then": schema.pop("then")}
