@@ -15,13 +15,21 @@ strings, penalties in [-2, 2]...), so the same bad input gets the same status.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, quote
 from protos import replica_pb2
 
 MAX_STOP = 4
@@ -31,6 +39,50 @@ MAX_LOGPROBS = 20
 MAX_N = 64
 """Choices per request (vLLM allows more; a CPU replica cannot run them usefully)."""
 INT64 = 2**63
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TOKEN_ID_KEY = re.compile(
+    r"^(0|[1-9][0-9]{0,8}|1[0-9]{9}|20[0-9]{8}|21[0-3][0-9]{7}|214[0-6][0-9]{6}"
+    r"|2147[0-3][0-9]{5}|21474[0-7][0-9]{4}|214748[0-2][0-9]{3}|2147483[0-5][0-9]{2}"
+    r"|21474836[0-3][0-9]|214748364[0-7])$"
+)
+"""A token id written as a `logit_bias` key: a decimal in [0, 2^31), no sign, no padding."""
+_STOP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP},
+        {"type": "null"},
+    ]
+}
+"""What `stop_strings` accepts."""
+_LOGIT_BIAS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "propertyNames": {"pattern": TOKEN_ID_KEY.pattern},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
+        {"type": "null"},
+    ],
+    "description": "Token id (as a string) -> bias in [-100, 100] added to its logit.",
+}
+
+
+EXACT_FLOAT_INT = 2**53
+"""Integers a float holds exactly; past it a float (or an integer the JSON parser read as
+one, beyond 64 bits) does not say which integer was sent."""
+
+
+def integral_numbers(value: Any) -> Any:
+    """A JSON number without a fraction as an int (1.0 -> 1), in lists too: JSON Schema
+    counts it an integer, and vLLM's server takes it. A field validator (mode "before") of
+    the request bodies; validation stays strict otherwise (no strings, no booleans)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < EXACT_FLOAT_INT:
+        return int(value)
+    if isinstance(value, list):
+        return [integral_numbers(item) for item in value]
+    return value
 
 
 class ToolCallFunction(BaseModel):
@@ -48,6 +100,45 @@ class MessageToolCall(BaseModel):
     function: ToolCallFunction
 
 
+def final_message_needs_no_generation_prompt(schema: dict[str, Any]) -> None:
+    """The document says what vLLM's server checks: `continue_final_message` true needs
+    `add_generation_prompt` false, given (it is true by default). A `json_schema_extra`."""
+    schema["if"] = {
+        "properties": {"continue_final_message": {"const": True}},
+        "required": ["continue_final_message"],
+    }
+    schema["then"] = {
+        "properties": {"add_generation_prompt": {"const": False}},
+        "required": ["add_generation_prompt"],
+    }
+
+
+_CONTENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+        {"type": "null"},
+    ]
+}
+"""What `_content` accepts: a string, or text parts (checked there with a precise message)."""
+
+
+def _tool_calls_rule(schema: dict[str, Any]) -> None:
+    """The document says what `chat_messages` checks: only an assistant carries tool calls."""
+    schema["if"] = {
+        "properties": {"tool_calls": {"type": "array", "minItems": 1}},
+        "required": ["tool_calls"],
+    }
+    schema["then"] = {"properties": {"role": {"const": "assistant"}}}
+
+
 class ChatMessage(BaseModel):
     """One chat message. Text content only: a string or a list of `{"type": "text"}` parts.
 
@@ -55,16 +146,18 @@ class ChatMessage(BaseModel):
     `annotations`...) are ignored; `audio` and `function_call` are refused.
     """
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_tool_calls_rule)
     role: str = Field(min_length=1, max_length=64)
     """`system`, `developer`, `user`, `assistant`, `tool`, or any role the model's chat
     template knows (vLLM's server renders custom roles too)."""
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[str | list[dict[str, Any]] | None, WithJsonSchema(_CONTENT_SCHEMA)] = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
-    audio: dict[str, Any] | None = None
-    function_call: dict[str, Any] | None = None
+    audio: Annotated[dict[str, Any] | None, WithJsonSchema({"type": "null"})] = None
+    """Refused unless null."""
+    function_call: Annotated[dict[str, Any] | None, WithJsonSchema({"type": "null"})] = None
+    """Refused unless null; use tool_calls."""
 
 
 class SamplingFields(BaseModel):
@@ -82,10 +175,10 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=1e6)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
     """Up to 4 strings that end the output when generated."""
-    stop_token_ids: list[int] | None = None
-    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(_LOGIT_BIAS_SCHEMA)] = None
     """Token id (as a string) -> bias in [-100, 100] added to its logit."""
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
@@ -93,11 +186,22 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
+    _integral = field_validator("*", mode="before")(integral_numbers)
+
+
+def _prompt_or_messages(schema: dict[str, Any]) -> None:
+    """The document says what `parse_seed_json` checks: exactly one of the two, not null."""
+    for name in ("prompt", "messages"):
+        field = schema["properties"][name]
+        field.update(*[v for v in field.pop("anyOf") if v != {"type": "null"}])
+        field.pop("default", None)
+    schema["oneOf"] = [{"required": ["prompt"]}, {"required": ["messages"]}]
+
 
 class SeedChatRequest(SamplingFields):
     """Body of `POST /v1/chat/{model}` as JSON (a text/plain body is the user's message)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_prompt_or_messages)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=4096)
     prompt: str | None = Field(None, min_length=1)
     """A raw prompt, sent to the model as is (no chat template)."""
@@ -160,13 +264,10 @@ class GenerationInput:
 
 def _validation_error(exc: ValidationError) -> ApiError:
     err = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in err["loc"]) or "body"
+    where = quote(".".join(str(part) for part in err["loc"]) or "body")
     message = f"{where}: {err['msg']}"
     if err["type"] not in ("missing", "extra_forbidden"):
-        given = orjson.dumps(err.get("input"), default=str).decode()
-        if len(given) > 60:
-            given = given[:57] + "..."
-        message += f" (got {given})"
+        message += f" (got {quote(orjson.dumps(err.get('input'), default=str).decode())})"
     elif err["type"] == "extra_forbidden":
         message = f"{where}: unknown field"
     return ApiError(400, message, param=where, code="invalid_value")
@@ -205,20 +306,24 @@ def stop_strings(value: str | list[str] | None) -> list[str]:
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
-        if token < 0 or token >= 2**31:
-            raise ApiError(400, f"logit_bias: keys are token ids, got {key!r}", param="logit_bias")
+        if not TOKEN_ID_KEY.fullmatch(key):
+            raise ApiError(
+                400, f"logit_bias: keys are token ids, got {quote(repr(key))}", param="logit_bias"
+            )
         if not -100 <= value <= 100:
             raise ApiError(
                 400,
-                f"logit_bias: {key}: bias must be in [-100, 100], got {value:g}",
+                f"logit_bias: {quote(key)}: bias must be in [-100, 100], got {value:g}",
                 param="logit_bias",
             )
-        out[token] = value
+        out[int(key)] = value
     return out
+
+
+FLOAT32_TINY = 1.1754944e-38
+"""The smallest positive normal float32 (the wire's type of the sampling floats)."""
+_POSITIVE = ("top_p", "repetition_penalty")
+"""Sampling floats that must be above 0 (`gt=0`)."""
 
 
 def sampling_message(req: SamplingFields) -> replica_pb2.SamplingParams:
@@ -248,12 +353,10 @@ def sampling_message(req: SamplingFields) -> replica_pb2.SamplingParams:
     ):
         value = getattr(req, name)
         if value is not None:
+            if name in _POSITIVE and value < FLOAT32_TINY:
+                value = FLOAT32_TINY  # a float32 field: smaller would reach the replica as 0
             setattr(sampling, name, value)
     if req.stop_token_ids:
-        if any(not 0 <= t < 2**31 for t in req.stop_token_ids):
-            raise ApiError(
-                400, "stop_token_ids: token ids must be non-negative", param="stop_token_ids"
-            )
         sampling.stop_token_ids.extend(req.stop_token_ids)
     if req.logit_bias:
         sampling.logit_bias.update(_logit_bias(req.logit_bias))
@@ -276,7 +379,7 @@ def _content(message: ChatMessage, where: str) -> str:
             raise ApiError(
                 400,
                 f"{where}.content.{i}: only text parts ({{'type': 'text', 'text': ...}}) are "
-                f"supported, got type {kind!r}",
+                f"supported, got type {quote(repr(kind))}",
                 param=f"{where}.content",
             )
         texts.append(text)
@@ -309,8 +412,6 @@ def chat_messages(messages: list[ChatMessage]) -> list[replica_pb2.ChatMessage]:
                 )
             wire.tool_calls_json = orjson.dumps([c.model_dump() for c in m.tool_calls]).decode()
         out.append(wire)
-    if not any(m.content or m.tool_calls_json for m in out):
-        raise ApiError(400, "messages: every message is empty", param="messages")
     return out
 
 
@@ -333,7 +434,7 @@ def parse_seed_text(body: bytes, session_key: str | None) -> GenerationInput:
 
 def parse_seed_json(data: dict[str, Any], session_key: str | None) -> GenerationInput:
     req: SeedChatRequest = validate(SeedChatRequest, data)
-    if (req.prompt is None) == (req.messages is None):
+    if (req.prompt is None) == (req.messages is None) or ("prompt" in data) == ("messages" in data):
         raise ApiError(
             400,
             "body: give exactly one of `prompt` or `messages`",

@@ -30,14 +30,35 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway import metrics, tokenize_api
 from gateway.api_models import decode_json, openapi_schemas
-from gateway.errors import ApiError, ErrorBody
+from gateway.api_responses import (
+    BEARER,
+    SECURITY_SCHEMES,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    DetokenizeReply,
+    Health,
+    ModelList,
+    Readiness,
+    SeedEvent,
+    SeedReply,
+    TokenizeReply,
+    error_responses,
+    event_stream,
+    json_content,
+    response_schemas,
+)
+from gateway.errors import ApiError, quote
 from gateway.gateway import Gateway, GatewayOptions
-from gateway.request_reader import CHAT_ROUTE, COMPLETIONS_ROUTE, SEED_ROUTE
+from gateway.request_reader import CHAT_ROUTE, COMPLETIONS_ROUTE, SEED_ROUTE, read_body
 from mss.logs import request_id_var
 
 log = logging.getLogger("gateway")
@@ -129,38 +150,47 @@ def create_api(gateway: Gateway) -> FastAPI:
         version="0.1.0",
         summary="Streams tokens from LLM replicas as server-sent events; OpenAI-compatible.",
         lifespan=lifespan,
+        # A trailing slash is another path (404), never a redirect: Starlette builds the
+        # redirect's Location from the client's Host header.
+        redirect_slashes=False,
     )
     app.state.gateway = gateway
-    error_docs: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorBody, "description": text}
-        for status, text in (
-            (400, "Invalid request"),
-            (401, "Missing or wrong API key"),
-            (404, "Unknown model"),
-            (413, "Body too large"),
-            (415, "Unsupported content type"),
-            (429, "Too many concurrent requests from this client"),
-            (503, "At capacity or no ready replica; see Retry-After"),
+    # The routes `check_auth` guards; they need a key only when the gateway has keys.
+    secured: dict[str, Any] = {"security": [{BEARER: []}]} if gateway.keys.enabled else {}
+    model_errors = error_responses(400, 401, 404, 413, 415, 429, 503)  # routes naming a model
+
+    def generation_doc(
+        reply: type[BaseModel], chunk: type[BaseModel], done: bool
+    ) -> dict[int | str, dict[str, Any]]:
+        end = (
+            "then `data: [DONE]`; an error after the first token is an error object's event"
+            if done
+            else "the last with `finished` true; an error after the first token is an "
+            "`event: error` holding an error object"
         )
-    }
-    ok_doc = {
-        "description": "SSE stream (`stream` true) or one JSON body",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}, "application/json": {}},
-    }
-    responses: dict[int | str, dict[str, Any]] = {200: ok_doc, **error_docs}
+        ok = {
+            "description": "One JSON body, or (`stream` true) server-sent events, one per "
+            f"chunk, `data:` holding its JSON: {end}.",
+            "content": {**json_content(reply), "text/event-stream": event_stream(chunk, done)},
+        }
+        return {200: ok, **model_errors}
 
     def body_doc(schema: str, text: bool = False) -> dict[str, Any]:
         ref = {"$ref": f"#/components/schemas/{schema}"}
         content: dict[str, Any] = {"application/json": {"schema": ref}}
         if text:
-            text_schema = {"type": "string", "description": "the user's message"}
+            text_schema = {
+                "type": "string",
+                "pattern": r"\S",
+                "description": "the user's message, not blank",
+            }
             content["text/plain"] = {"schema": text_schema}
-        return {"requestBody": {"required": True, "content": content}}
+        return {"requestBody": {"required": True, "content": content}, **secured}
 
     @app.post(
         CHAT_ROUTE,
         summary="OpenAI chat completions, streaming or not",
-        responses=responses,
+        responses=generation_doc(ChatCompletion, ChatCompletionChunk, True),
         openapi_extra=body_doc("ChatCompletionRequest"),
         response_class=Response,
     )
@@ -170,7 +200,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.post(
         COMPLETIONS_ROUTE,
         summary="OpenAI text completions, streaming or not",
-        responses=responses,
+        responses=generation_doc(Completion, CompletionChunk, True),
         openapi_extra=body_doc("CompletionRequest"),
         response_class=Response,
     )
@@ -180,14 +210,19 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.post(
         SEED_ROUTE,
         summary="Stream a reply as SSE events {token, finished}; JSON body or text/plain message",
-        responses=responses,
+        responses=generation_doc(SeedReply, SeedEvent, False),
         openapi_extra=body_doc("SeedChatRequest", text=True),
         response_class=Response,
     )
     async def chat(model: str) -> Any:
         return _Generation(gateway, SEED_ROUTE, model)
 
-    @app.get("/v1/models", summary="Models this gateway routes (vLLM's model cards)")
+    @app.get(
+        "/v1/models",
+        summary="Models this gateway routes (vLLM's model cards)",
+        responses={200: {"model": ModelList}, **error_responses(401, 429)},
+        openapi_extra=secured,
+    )
     async def list_models(request: Request) -> JSONResponse:
         gateway.check_auth(request)
         data = []
@@ -228,21 +263,15 @@ def create_api(gateway: Gateway) -> FastAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def _json_body(request: Request) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            raise ApiError(415, f"content-type {ctype!r} is not supported; send application/json")
-        body = await request.body()
-        if len(body) > gateway.settings.max_body_bytes:
-            raise ApiError(
-                413, f"body is over the limit of {gateway.settings.max_body_bytes} bytes"
-            )
+        body, _ = await read_body(request, gateway.settings.max_body_bytes, allow_text=False)
         return decode_json(body)
 
     @app.post(
         "/tokenize",
         summary="Token ids of a prompt or of chat messages rendered with the chat template",
-        responses=error_docs,
+        responses={200: {"model": TokenizeReply}, **model_errors},
         openapi_extra={
+            **secured,
             "requestBody": {
                 "required": True,
                 "content": {
@@ -255,7 +284,7 @@ def create_api(gateway: Gateway) -> FastAPI:
                         }
                     }
                 },
-            }
+            },
         },
     )
     async def tokenize(request: Request) -> JSONResponse:
@@ -267,7 +296,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.post(
         "/detokenize",
         summary="The text of token ids",
-        responses=error_docs,
+        responses={200: {"model": DetokenizeReply}, **model_errors},
         openapi_extra=body_doc("DetokenizeRequest"),
     )
     async def detokenize(request: Request) -> JSONResponse:
@@ -276,11 +305,18 @@ def create_api(gateway: Gateway) -> FastAPI:
         router = gateway.router_for(model)
         return JSONResponse(await tokenize_api.detokenize(router, req))
 
-    @app.get("/health", summary="The process is alive")
+    @app.get("/health", summary="The process is alive", responses={200: {"model": Health}})
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready", summary="200 when some model has a ready replica, else 503")
+    @app.get(
+        "/ready",
+        summary="200 when some model has a ready replica, else 503",
+        responses={
+            200: {"model": Readiness},
+            503: {"model": Readiness, "description": "No model has a ready replica."},
+        },
+    )
     async def ready() -> JSONResponse:
         table = gateway.table
         models = {
@@ -294,7 +330,17 @@ def create_api(gateway: Gateway) -> FastAPI:
             headers=None if ok else {"retry-after": "1"},
         )
 
-    @app.get("/metrics", summary="Prometheus metrics of the whole gateway")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics of the whole gateway",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics_endpoint() -> Response:
         gateway.table.refresh_gauges()
         body, content_type = metrics.render()
@@ -306,8 +352,9 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        path = request.url.path
-        message = {404: f"no route {path}", 405: f"method {request.method} not allowed on {path}"}
+        path = quote(request.url.path)
+        method = quote(request.method)
+        message = {404: f"no route {path}", 405: f"method {method} not allowed on {path}"}
         response = _error_response(
             ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)))
         )
@@ -318,8 +365,14 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        where = quote(".".join(str(p) for p in first.get("loc", ())) or "request")
         return _error_response(ApiError(400, f"{where}: {first.get('msg')}", param=where))
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+        path = quote(repr(request.url.path))
+        log.info("client left before sending its whole request to %s", path)
+        return Response(status_code=499)  # goes nowhere: the connection is closed
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -333,7 +386,17 @@ def create_api(gateway: Gateway) -> FastAPI:
             schema = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+            components = schema.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
+            schemas.update(openapi_schemas())
+            schemas.update(response_schemas())
+            components["securitySchemes"] = SECURITY_SCHEMES
+            # Bad input is a 400 (`on_validation_error`), never FastAPI's 422.
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
             app.openapi_schema = schema
         return app.openapi_schema
 

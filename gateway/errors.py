@@ -22,10 +22,12 @@ _TYPES: dict[int, str] = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestEntityTooLargeError",
     415: "UnsupportedMediaTypeError",
     422: "UnprocessableEntityError",
     429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLargeError",
     500: "InternalServerError",
     501: "NotImplementedError",
     502: "BadGatewayError",
@@ -35,14 +37,39 @@ _TYPES: dict[int, str] = {
 """`type` of an error by status; vLLM's names where its server answers that status."""
 
 
+QUOTE_LIMIT = 64
+"""Characters of one piece of client input an error message repeats; the rest is elided."""
+MESSAGE_LIMIT = 1024
+"""Characters of a whole error message (and of `param`), whatever went into it."""
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text`, client input an error message repeats, cut to `limit` characters.
+
+    Every message that repeats what a client sent (a model name, a role, a field's
+    value or name, a path) passes it through here, so an error body stays small
+    whatever was sent; pass `repr(value)` to quote a value as Python writes it.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 3]}...(+{len(text) - limit + 3} characters)"
+
+
 def error_type(status: int) -> str:
     return _TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
 
 
 def error_object(message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """The error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it."""
+    """The error body: `{"error": {message, type, param, code}}`; `ErrorBody` documents it.
+
+    The message is bounded here too: a stream's error event carries a replica's message."""
     return {
-        "error": {"message": message, "type": error_type(status), "param": param, "code": status}
+        "error": {
+            "message": quote(message, MESSAGE_LIMIT),
+            "type": error_type(status),
+            "param": param,
+            "code": status,
+        }
     }
 
 
@@ -75,10 +102,11 @@ class ApiError(Exception):
         retry_after: float | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        message = quote(message, MESSAGE_LIMIT)  # bounded even where a caller forgot `quote`
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = param if param is None else quote(param, MESSAGE_LIMIT)
         self.code = code
         """The gateway's short reason (`capacity`, `no_replica`...), for logs and metrics."""
         self.retry_after = retry_after

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from gateway import metrics
 from gateway.admission import ClientLimiter
 from gateway.api_keys import KeyStore
 from gateway.api_models import check_max_tokens
-from gateway.errors import ApiError, send_error
+from gateway.errors import ApiError, quote, send_error
 from gateway.generation import GenerationRequest, GenerationService
 from gateway.rate_limits import KeyLimiter
 from gateway.replica_client import ReplicaClient
@@ -162,7 +162,7 @@ class Gateway:
         router = self.table.get(model)
         if router is None:
             known = ", ".join(sorted(self.table.models)) or "none"
-            msg = f"The model `{model}` does not exist. Valid models: {known}."
+            msg = f"The model `{quote(model)}` does not exist. Valid models: {known}."
             raise ApiError(404, msg, param="model", code="model_not_found")
         return router
 
@@ -214,6 +214,10 @@ class Gateway:
             )
             generating = True
             status = await self.generation.run(scope, receive, send, router, request)
+        except ClientDisconnect:
+            status = 499  # gone before its whole body: nothing to answer, nothing went wrong
+            path = quote(repr(scope["path"]))
+            log.info("client left before sending its whole request to %s", path)
         except ApiError as exc:
             status = exc.status
             reason = rejection_reason(exc)

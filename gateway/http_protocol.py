@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with the three additions the gateway relies on.
+"""uvicorn's httptools protocol with what the gateway adds per client connection.
 
 - TCP_NODELAY on every client socket, set here rather than trusted to the
   event loop: without it small SSE writes wait for the peer's delayed ACK and
@@ -10,6 +10,18 @@
   slow-client watchdog can abort a connection whose reader stopped: that
   unblocks the handler's pending write and ends the request through the
   ordinary disconnect path.
+- Limits on what a client may hold (`ConnectionLimits`): a request head must
+  arrive within `header_timeout_s` of connecting or of its first byte, and
+  within `MAX_HEAD_BYTES`; a body within `body_timeout_s` of its head; past
+  `max_connections` open connections in this process, a new one is answered
+  503 and closed. uvicorn has none of these (its keep-alive timeout, set from
+  `idle_timeout_s` in `gateway.main`, runs only between requests), so a
+  client that opens connections and never finishes a request (slowloris)
+  would hold them forever. No timer runs while a response streams: once the
+  request is in, only the slow-client watchdog watches the connection.
+- HTTP/1.0 answered in HTTP/1.0's framing: a response of unknown length (a
+  stream) is sent as is and ends when the connection closes, never chunked,
+  which an HTTP/1.0 client cannot decode.
 
 uvicorn builds one protocol per connection from what `Config(http=...)` holds;
 `protocol_factory` gives it the class with the settings bound. The factory is
@@ -21,13 +33,32 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http
+import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from gateway import metrics
+from gateway.errors import ApiError, send_error
+
+log = logging.getLogger("gateway")
 
 TRANSPORT_KEY = "mss.transport"
+MAX_HEAD_BYTES = 64 * 1024
+"""Request line plus headers; a longer head is answered 431 (nginx allows 32 KiB)."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold; `GatewaySettings` gives the values."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 10_000
 
 
 def tune_socket(transport: asyncio.BaseTransport, send_buffer_bytes: int) -> None:
@@ -43,23 +74,201 @@ def tune_socket(transport: asyncio.BaseTransport, send_buffer_bytes: int) -> Non
         pass
 
 
-class GatewayHttpProtocol(HttpToolsProtocol):
-    """One client connection; `send_buffer_bytes` bounds its kernel send buffer."""
+def error_response(exc: ApiError) -> bytes:
+    """`exc` as a whole HTTP response that closes the connection, for answers written before
+    (or instead of) the app: a head that timed out or is too large."""
+    body = exc.body()
+    head = [b"HTTP/1.1 %d %s\r\n" % (exc.status, http.HTTPStatus(exc.status).phrase.encode())]
+    head += [b"%s: %s\r\n" % header for header in exc.headers()]
+    head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+    return b"".join(head) + body
 
-    def __init__(self, *args: Any, send_buffer_bytes: int = 0, **kwargs: Any) -> None:
+
+async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    """The app of a connection past `max_connections`: 503, and the connection closes."""
+    err = ApiError(
+        503,
+        "too many open connections to this gateway; retry later",
+        code="connections",
+        retry_after=1,
+    )
+    await send_error(send, err, (b"connection", b"close"))
+
+
+def _framed(message: Any, method: str) -> bool:
+    """Whether a response start says its own length (or has no body), so needs no framing."""
+    if method == "HEAD" or message["status"] in (204, 304) or message["status"] < 200:
+        return True
+    return any(
+        name.lower() in (b"content-length", b"transfer-encoding")
+        for name, _ in message.get("headers", ())
+    )
+
+
+class CloseDelimitedCycle(RequestResponseCycle):
+    """The cycle of an HTTP/1.0 request: a response of unknown length goes out unframed and
+    ends when the connection closes. uvicorn would send it chunked, which HTTP/1.0 lacks.
+
+    uvicorn closes every HTTP/1.0 connection after its response (and says so in a
+    `connection: close` header); a response with a content-length is uvicorn's as is.
+    """
+
+    close_delimited = False
+
+    async def send(self, message: Any) -> None:
+        if not self.response_started and message["type"] == "http.response.start":
+            if not _framed(message, self.scope["method"]):
+                self.chunked_encoding = False  # uvicorn adds chunked framing only when None
+                self.close_delimited = True
+            await super().send(message)
+            return
+        if not self.close_delimited or message["type"] != "http.response.body":
+            await super().send(message)
+            return
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected or self.response_complete:
+            return
+        self.transport.write(message.get("body", b""))
+        if not message.get("more_body", False):
+            self.response_complete = True
+            self.message_event.set()
+            self.transport.close()
+            self.on_response()
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """One client connection; `send_buffer_bytes` bounds its kernel send buffer, `limits`
+    what it may hold."""
+
+    def __init__(
+        self,
+        *args: Any,
+        send_buffer_bytes: int = 0,
+        limits: ConnectionLimits = ConnectionLimits(),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.send_buffer_bytes = send_buffer_bytes
+        self.limits = limits
+        self.deadline: asyncio.TimerHandle | None = None
+        """The head's or the body's timeout, whichever phase the request is in."""
+        self.head_bytes = -1
+        """Bytes of the current request's head so far; -1 between requests."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         tune_socket(transport, self.send_buffer_bytes)
+        over = len(self.connections) >= self.limits.max_connections
         super().connection_made(transport)
+        if over:
+            # Not counted: it ends once its head is in (or times out) and holds no request.
+            self.connections.discard(self)
+            self.app = _over_capacity
+            metrics.CONNECTIONS_CLOSED.labels("over_limit").inc()
+        self._expect_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.deadline is None and (self.cycle is None or self.cycle.response_complete):
+            # Bytes of a next request on a kept-alive connection. A request pipelined behind
+            # a response still going is not timed while it waits (uvicorn's keep-alive
+            # timeout and this deadline take over once that response ends).
+            self._expect_head()
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         extensions: dict[str, Any] = {TRANSPORT_KEY: self.transport}
         self.scope["extensions"] = extensions
+        self.head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._count_head(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        self.head_bytes = -1
+        if self.transport.is_closing():  # refused while its head arrived: no app runs
+            return
+        pipelined = self.cycle is not None and not self.cycle.response_complete
+        super().on_headers_complete()
+        if not pipelined:  # a pipelined request waits unread (uvicorn pauses reading)
+            self.deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
+        if self.scope.get("http_version") == "1.0" and type(self.cycle) is RequestResponseCycle:
+            # Its task is created but has not run: it sends through the subclass's `send`.
+            self.cycle.__class__ = CloseDelimitedCycle
+
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        if not self.transport.is_closing():
+            super().on_message_complete()
+
+    def _expect_head(self) -> None:
+        self._cancel_deadline()
+        self.deadline = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _count_head(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            metrics.CONNECTIONS_CLOSED.labels("head_too_large").inc()
+            self._refuse(ApiError(431, f"request head is over the limit of {MAX_HEAD_BYTES} bytes"))
+
+    def _head_timed_out(self) -> None:
+        self.deadline = None
+        if self.transport.is_closing():
+            return
+        metrics.CONNECTIONS_CLOSED.labels("header_timeout").inc()
+        if self.head_bytes < 0:  # nothing of a request yet: nothing to answer
+            self.transport.close()
+            return
+        limit = self.limits.header_timeout_s
+        self._refuse(ApiError(408, f"request head not complete within {limit:g} s"))
+
+    def _body_timed_out(self) -> None:
+        self.deadline = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None:
+            return
+        if cycle.response_started and not cycle.response_complete:
+            return  # answered before its body was in: the response is never cut
+        metrics.CONNECTIONS_CLOSED.labels("body_timeout").inc()
+        if cycle.response_complete:
+            self.transport.close()
+            return
+        limit = self.limits.body_timeout_s
+        self._refuse(ApiError(408, f"request body not complete within {limit:g} s"))
+
+    def _refuse(self, exc: ApiError) -> None:
+        """Answer `exc` in place of the app and close. The request's handler, if one runs,
+        sees the client gone. Behind a response still going (a pipelined head over the
+        limit) no answer can be framed: the connection just closes."""
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started or cycle.response_complete:
+            self.transport.write(error_response(exc))
+        self.transport.close()
 
 
-def protocol_factory(send_buffer_bytes: int) -> Callable[..., GatewayHttpProtocol]:
+def protocol_factory(
+    send_buffer_bytes: int, limits: ConnectionLimits
+) -> Callable[..., GatewayHttpProtocol]:
     """What to pass as `uvicorn.Config(http=...)`: the protocol with its settings bound."""
-    return functools.partial(GatewayHttpProtocol, send_buffer_bytes=send_buffer_bytes)
+    return functools.partial(
+        GatewayHttpProtocol, send_buffer_bytes=send_buffer_bytes, limits=limits
+    )

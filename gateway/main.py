@@ -27,7 +27,7 @@ import uvicorn
 from gateway.api_keys import all_keys
 from gateway.app import GatewayApp, create_app
 from gateway.gateway import GatewayOptions
-from gateway.http_protocol import protocol_factory
+from gateway.http_protocol import ConnectionLimits, protocol_factory
 from gateway.metrics import MULTIPROC_ENV
 from gateway.routing import STRATEGIES
 from mss import security
@@ -156,7 +156,15 @@ def run(args: argparse.Namespace) -> int:
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "http": protocol_factory(settings.client_send_buffer_bytes),
+        "http": protocol_factory(
+            settings.client_send_buffer_bytes,
+            ConnectionLimits(
+                header_timeout_s=settings.header_timeout_s,
+                body_timeout_s=settings.body_timeout_s,
+                max_connections=settings.max_connections,
+            ),
+        ),
+        "timeout_keep_alive": settings.idle_timeout_s,
         "loop": "uvloop",
         "ws": "none",
         "lifespan": "on",

@@ -94,6 +94,12 @@ REJECTIONS = Counter(
 DISCONNECTS = Counter(
     "mss_gateway_client_disconnects", "Clients gone before their response ended.", ["model"]
 )
+CONNECTIONS_CLOSED = Counter(
+    "mss_gateway_connections_closed",
+    "Client connections the gateway closed before a request was in, by reason "
+    "(header_timeout|body_timeout|head_too_large|over_limit).",
+    ["reason"],
+)
 ABORTS = Counter("mss_gateway_aborts", "Engine requests cancelled by the gateway.", ["model"])
 KEY_REQUESTS = Counter(
     "mss_gateway_key_requests",

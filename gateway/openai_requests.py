@@ -23,10 +23,10 @@ tool_choice, structured outputs, logprobs, stream_options).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from gateway.api_models import (
     MAX_LOGPROBS,
@@ -35,7 +35,9 @@ from gateway.api_models import (
     GenerationInput,
     OutputOptions,
     SamplingFields,
+    TokenId,
     chat_messages,
+    final_message_needs_no_generation_prompt,
     sampling_message,
     validate,
 )
@@ -128,12 +130,32 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+def _json_schema_given(schema: dict[str, Any]) -> None:
+    """The document says what `_structured` checks: type `json_schema` comes with one."""
+    schema["if"] = {"properties": {"type": {"const": "json_schema"}}}
+    schema["then"] = {
+        "required": ["json_schema"],
+        "properties": {
+            "json_schema": {
+                "type": "object",
+                "required": ["schema"],
+                "properties": {"schema": {"type": "object"}},
+            }
+        },
+    }
+
+
 class ResponseFormat(BaseModel):
     """`text`, `json_object`, `json_schema` (with its schema), or vLLM's `structural_tag`."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", json_schema_extra=_json_schema_given)
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+
+
+_NO_NUL = r"^[^\x00]*$"
+_SOME_TEXT = r"^[^\x00]*[^\x00\s\x1c-\x1f][^\x00]*$"
+"""Not blank (as Python's `str.strip` sees it) and no NUL: what a replica accepts."""
 
 
 class StructuredOutputs(BaseModel):
@@ -141,11 +163,12 @@ class StructuredOutputs(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
     json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    structural_tag: str | None = None
+    regex: str | None = Field(None, pattern=_NO_NUL)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, pattern=_SOME_TEXT)
+    json_object: Annotated[bool | None, WithJsonSchema({"enum": [True, None]})] = None
+    """True or left out (a replica refuses false)."""
+    structural_tag: str | None = Field(None, pattern=_SOME_TEXT)
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
@@ -176,8 +199,18 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+def _openai_rules(schema: dict[str, Any]) -> None:
+    """The document says what `_stream_flags` checks: stream options need `stream` true."""
+    options_given = {
+        "properties": {"stream_options": {"type": "object"}},
+        "required": ["stream_options"],
+    }
+    stream_on = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
+    schema.setdefault("allOf", []).append({"if": options_given, "then": stream_on})
+
+
 class _OpenAIFields(SamplingFields):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_openai_rules)
     model: str | None = Field(None, min_length=1)
     """The model; may be left out when the gateway routes exactly one."""
     n: int | None = Field(1, ge=1, le=MAX_N)
@@ -195,8 +228,35 @@ class _OpenAIFields(SamplingFields):
     return_token_ids: bool | None = None
 
 
+def _chat_rules(schema: dict[str, Any]) -> None:
+    """The document says what `_tools` and `_template` check across fields: a tool choice
+    other than none needs tools, tools without a choice mean `auto` (which needs a tool-call
+    parser this gateway does not have), and `final_message_needs_no_generation_prompt`."""
+    _openai_rules(schema)
+    final_message_needs_no_generation_prompt(schema)
+    template_rule = {"if": schema.pop("if"), "then": schema.pop("then")}
+    choice = schema["properties"]["tool_choice"]
+    choice["anyOf"][0]["enum"].remove("auto")
+    choice["description"] = '"auto" needs a tool-call parser, and none is configured here'
+    schema["properties"]["tools"]["anyOf"][0]["minItems"] = 1
+    tools_given = {"properties": {"tools": {"type": "array"}}, "required": ["tools"]}
+    schema["allOf"] += [
+        template_rule,
+        {"if": tools_given, "then": {"required": ["tool_choice"]}},
+        {
+            "if": {
+                "properties": {"tool_choice": {"not": {"enum": ["none", None]}}},
+                "required": ["tool_choice"],
+            },
+            "then": tools_given,
+        },
+    ]
+
+
 class ChatCompletionRequest(_OpenAIFields):
     """Body of `POST /v1/chat/completions` (OpenAI's fields and vLLM's extensions)."""
+
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
@@ -218,11 +278,31 @@ class ChatCompletionRequest(_OpenAIFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+_PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "maxItems": 1,
+        },
+        {**_TOKEN_IDS, "minItems": 1},
+        {"type": "array", "items": {**_TOKEN_IDS, "minItems": 1}, "minItems": 1, "maxItems": 1},
+    ]
+}
+"""What `prompt` accepts, as `_prompt` checks it: not empty, one prompt (vLLM refuses an
+empty prompt; the field's type alone would allow one)."""
+
+
 class CompletionRequest(_OpenAIFields):
     """Body of `POST /v1/completions` (OpenAI's fields and vLLM's extensions)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    """One prompt: a string or token ids (a list of one of either)."""
+    prompt: Annotated[
+        str | list[str] | list[TokenId] | list[list[TokenId]], WithJsonSchema(_PROMPT_SCHEMA)
+    ]
+    """One prompt, not empty: a string or token ids (a list of one of either)."""
     max_tokens: int | None = Field(16, ge=1, le=1_048_576)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -527,10 +607,7 @@ def _prompt(req: CompletionRequest) -> tuple[str, list[int]]:
                 param="prompt",
             )
         if isinstance(prompt[0], int):
-            ids = [int(t) for t in prompt if isinstance(t, int)]
-            if any(t < 0 for t in ids):
-                raise ApiError(400, "prompt: token ids must be non-negative", param="prompt")
-            return "", ids
+            return "", [int(t) for t in prompt if isinstance(t, int)]
         if len(prompt) != 1:
             raise ApiError(
                 400,
@@ -539,10 +616,8 @@ def _prompt(req: CompletionRequest) -> tuple[str, list[int]]:
             )
         first = prompt[0]
         if isinstance(first, list):
-            if not first or any(t < 0 for t in first):
-                raise ApiError(
-                    400, "prompt: token ids must be non-negative, and some", param="prompt"
-                )
+            if not first:
+                raise ApiError(400, "prompt: the list of token ids is empty", param="prompt")
             return "", list(first)
         prompt = first
     if not prompt:

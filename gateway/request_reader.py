@@ -19,7 +19,7 @@ from gateway.api_models import (
     parse_seed_json,
     parse_seed_text,
 )
-from gateway.errors import ApiError
+from gateway.errors import ApiError, quote
 from gateway.openai_requests import parse_chat_completion, parse_completion
 from gateway.openai_stream import RichChatFormat, RichCompletionFormat
 from gateway.sse import ChatFormat, CompletionFormat, SeedFormat, StreamFormat
@@ -47,11 +47,11 @@ async def read_body(request: Request, limit: int, *, allow_text: bool) -> tuple[
     is_json = ctype == "application/json" or ctype.endswith("+json")
     if not is_json and not (allow_text and ctype == "text/plain") and ctype:
         accepted = "application/json or text/plain" if allow_text else "application/json"
-        msg = f"content-type {ctype!r} is not supported; send {accepted}"
+        msg = f"content-type {quote(repr(ctype))} is not supported; send {accepted}"
         raise ApiError(415, msg, code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        msg = f"body of {declared} bytes is over the limit of {limit} bytes"
+        msg = f"body of {quote(declared)} bytes is over the limit of {limit} bytes"
         raise ApiError(413, msg, code="body_too_large")
     body = bytearray()
     async for chunk in request.stream():

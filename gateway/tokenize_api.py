@@ -14,9 +14,16 @@ from typing import Any
 
 import grpc
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.api_models import ChatMessage, chat_messages, validate
+from gateway.api_models import (
+    ChatMessage,
+    TokenId,
+    chat_messages,
+    final_message_needs_no_generation_prompt,
+    integral_numbers,
+    validate,
+)
 from gateway.errors import ApiError
 from gateway.generation import replica_error
 from gateway.openai_requests import Tool, tools_to_json
@@ -38,7 +45,9 @@ class TokenizeCompletionRequest(BaseModel):
 class TokenizeChatRequest(BaseModel):
     """`/tokenize` with chat messages, rendered as a chat completion would render them."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(
+        strict=True, extra="forbid", json_schema_extra=final_message_needs_no_generation_prompt
+    )
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     add_generation_prompt: bool = True
@@ -52,7 +61,9 @@ class TokenizeChatRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None
-    tokens: list[int] = Field(max_length=1_048_576)
+    tokens: list[TokenId] = Field(max_length=1_048_576)
+
+    _integral = field_validator("tokens", mode="before")(integral_numbers)
 
 
 TOKENIZE_MODELS: tuple[type[BaseModel], ...] = (
@@ -109,8 +120,6 @@ def tokenize_request(data: dict[str, Any]) -> tuple[str, replica_pb2.TokenizeReq
 
 def detokenize_request(data: dict[str, Any]) -> tuple[str, replica_pb2.DetokenizeRequest]:
     req: DetokenizeRequest = validate(DetokenizeRequest, data)
-    if any(not 0 <= t < 2**31 for t in req.tokens):
-        raise ApiError(400, "tokens: token ids must be in [0, 2^31)", param="tokens")
     return req.model or "", replica_pb2.DetokenizeRequest(tokens=req.tokens)
 
 

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, quote
 
 
 def tool_call_id() -> str:
@@ -61,14 +61,15 @@ def required_tools_schema(
             if not isinstance(own, dict):
                 raise ApiError(
                     400,
-                    f"tools: `$defs` in the parameters of tool {name!r} must be an object",
+                    f"tools: `$defs` in the parameters of tool {quote(repr(name))} "
+                    "must be an object",
                     param="tools",
                 )
             for key, value in own.items():
                 if key in defs and defs[key] != value:
                     raise ApiError(
                         400,
-                        f"tools: definition {key!r} has several schemas across tools",
+                        f"tools: definition {quote(repr(key))} has several schemas across tools",
                         param="tools",
                     )
                 defs[key] = value

@@ -216,6 +216,20 @@ class GatewaySettings(StrictModel):
     api_keys_file: str | None = None
     """A YAML or JSON file `{api_keys: [...]}` of more keys, read at start (a bad one refuses
     the start) and again within a second of each change (a bad one keeps the previous keys)."""
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Time a connection has to send a whole request head (request line and headers), from
+    its first byte or from connecting; past it the gateway answers 408 (or, when nothing was
+    sent, just closes). Cuts clients that open connections and trickle headers (slowloris)."""
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Time a request has to send its whole body once its headers are in; past it, 408 and
+    the connection is closed. A response that has started is never cut by it."""
+    idle_timeout_s: float = Field(5.0, gt=0, le=3600)
+    """How long a keep-alive connection may wait between requests (uvicorn's
+    `timeout_keep_alive`). A streaming response is not idle: no timeout cuts it."""
+    max_connections: int = Field(10_000, ge=1, le=1_000_000)
+    """Open client connections per gateway process; a connection past it gets a 503 JSON
+    error with Retry-After once its request head is in, and is closed. Keep it below the
+    process's open-file limit (`ulimit -n`), which also counts replica channels and logs."""
 
 
 class SecuritySettings(StrictModel):

@@ -14,6 +14,7 @@ from gateway.generation import build_request
 from gateway.openai_requests import (
     IGNORED_FIELDS,
     REFUSED_FIELDS,
+    CompletionRequest,
     parse_chat_completion,
     parse_completion,
 )
@@ -327,3 +328,27 @@ def test_model_request_id_and_affinity() -> None:
     assert model == "" and inp.request_id == "abc" and inp.session_key == "s"
     assert bad_chat(request_id="has space").param == "request_id"
     assert chat(user="u").session_key == "u"
+
+
+def test_a_number_without_a_fraction_is_an_integer_as_json_schema_says() -> None:
+    _, inp = parse_completion({"model": "m", "prompt": "p", "seed": 1.0, "max_tokens": 3.0}, None)
+    assert inp.sampling.seed == 1 and inp.max_tokens == 3
+    _, inp = parse_completion({"model": "m", "prompt": [5.0, 6]}, None)
+    assert inp.prompt_token_ids == [5, 6]
+    # Beyond 2^53 a float does not say which integer was sent (orjson reads an integer
+    # beyond 64 bits as one): refused rather than rounded into range.
+    for bad_value in (1.5, "1", True, float(-(2**63) - 2048)):
+        with pytest.raises(ApiError) as err:
+            parse_completion({"model": "m", "prompt": "p", "seed": bad_value}, None)
+        assert err.value.param == "seed"
+
+
+def test_the_documented_prompt_schema_refuses_what_the_parser_refuses() -> None:
+    schema = CompletionRequest.model_json_schema()["properties"]["prompt"]
+    variants = schema["anyOf"]
+    assert {"type": "string", "minLength": 1} in variants
+    assert all(v.get("minItems") == 1 for v in variants if v["type"] == "array")
+    empties: list[object] = ["", [], [""], [[]]]
+    for empty in empties:
+        with pytest.raises(ApiError):
+            parse_completion({"model": "m", "prompt": empty}, None)
