@@ -412,14 +412,15 @@ class GenerationService:
     ) -> bool:
         """Continue a request whose replica failed after output began on another replica.
 
-        True when it goes on (its deltas now arrive in `lease.sink`); False when it
+        `failure` is the request's last delta so far; True when it was an error and the
+        request goes on (its deltas now arrive in `lease.sink`); False when it
         cannot move (not a failure of the replica, a request that cannot migrate, out
         of attempts, or no replica ready within the wait), and the caller ends it
         with `failure`. Raises ClientGone when the client leaves while it waits.
         """
         output = lease.output
         code = failure.error.code
-        if output is None or code not in _MIGRATABLE:
+        if failure.finish_reason != "error" or output is None or code not in _MIGRATABLE:
             return False
         failed = lease.client
         lease.release()
@@ -501,11 +502,7 @@ class GenerationService:
                     finish = delta  # its text goes out with the finish reason
                 elif delta.text:
                     parts.append(token(delta.text))
-            if (
-                finish is not None
-                and finish.finish_reason == "error"
-                and await self._migrate(router, lease, flow, finish)
-            ):
+            if finish is not None and await self._migrate(router, lease, flow, finish):
                 finish = None
                 sink = lease.sink
                 take = sink.take
@@ -600,11 +597,7 @@ class GenerationService:
                 if fmt.finished >= n:
                     finish = delta
                     break
-            if (
-                finish is not None
-                and finish.finish_reason == "error"
-                and await self._migrate(router, lease, flow, finish)
-            ):
+            if finish is not None and await self._migrate(router, lease, flow, finish):
                 finish = None
                 sink = lease.sink
             if finish is not None or sink.overflowed:
@@ -653,11 +646,7 @@ class GenerationService:
                 if delta.finish_reason and fmt.finished >= n:
                     finish = delta
                     break
-            if (
-                finish is not None
-                and finish.finish_reason == "error"
-                and await self._migrate(router, lease, flow, finish)
-            ):
+            if finish is not None and await self._migrate(router, lease, flow, finish):
                 finish = None
             if finish is None:
                 if flow.gone:

@@ -86,6 +86,28 @@ class Proc:
         self.stop(timeout=5, sig=signal.SIGKILL)
 
 
+def scheduler_args(controller: str, node_id: str, port_base: int) -> list[str]:
+    """`mss scheduler` offering 4 CPUs and 8 GiB, replicas on 25 ports from `port_base`
+    and their metrics on the next 25, no metrics port of its own."""
+    return [
+        "scheduler",
+        "--controller",
+        controller,
+        "--node-id",
+        node_id,
+        "--metrics-port",
+        "0",
+        "--cpus",
+        "4",
+        "--memory-gib",
+        "8",
+        "--replica-ports",
+        f"{port_base}-{port_base + 24}",
+        "--replica-metrics-ports",
+        f"{port_base + 25}-{port_base + 49}",
+    ]
+
+
 def spawn(args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
     """Start `mss ARGS...` in its own process group, output to a temp log file."""
     fd, path = tempfile.mkstemp(prefix=f"mss-{name}-", suffix=".log")

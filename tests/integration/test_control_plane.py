@@ -27,7 +27,15 @@ import yaml
 
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc
-from tests.support import ROOT, Proc, engine_env, free_port, member_channel, spawn
+from tests.support import (
+    ROOT,
+    Proc,
+    engine_env,
+    free_port,
+    member_channel,
+    scheduler_args,
+    spawn,
+)
 
 HEARTBEAT_S = 0.5
 DEAD_AFTER = 6  # 3 s of silence
@@ -115,23 +123,7 @@ class Cluster:
     def start_scheduler(self, node_id: str, index: int) -> Proc:
         base = self.port_base + index * 50
         proc = spawn(
-            [
-                "scheduler",
-                "--controller",
-                self.controller,
-                "--node-id",
-                node_id,
-                "--metrics-port",
-                "0",
-                "--cpus",
-                "4",
-                "--memory-gib",
-                "8",
-                "--replica-ports",
-                f"{base}-{base + 24}",
-                "--replica-metrics-ports",
-                f"{base + 25}-{base + 49}",
-            ],
+            scheduler_args(self.controller, node_id, base),
             f"scheduler-{node_id}",
         )
         self.procs[f"scheduler-{node_id}"] = proc

@@ -33,7 +33,7 @@ from mss.rpc_auth import channel
 from mss.security import Credentials, load_credentials
 from protos import controller_pb2 as pb
 from protos import controller_pb2_grpc, replica_pb2, replica_pb2_grpc
-from tests.support import Proc, free_port, spawn
+from tests.support import Proc, free_port, scheduler_args, spawn
 
 HEARTBEAT_S = 0.5
 
@@ -98,24 +98,7 @@ class Cluster:
     def scheduler(self, node_id: str, flags: list[str]) -> Proc:
         base = random.randrange(20000, 40000, 100)
         proc = spawn(
-            [
-                "scheduler",
-                "--controller",
-                self.controller,
-                "--node-id",
-                node_id,
-                "--metrics-port",
-                "0",
-                "--cpus",
-                "4",
-                "--memory-gib",
-                "8",
-                "--replica-ports",
-                f"{base}-{base + 19}",
-                "--replica-metrics-ports",
-                f"{base + 50}-{base + 69}",
-                *flags,
-            ],
+            [*scheduler_args(self.controller, node_id, base), *flags],
             f"scheduler-{node_id}",
         )
         self.procs.append(proc)

@@ -1,0 +1,163 @@
+"""Migration with the real engine: streams outlive a killed replica and a dead engine core.
+
+Two replicas of the bundled model (the session's shared one and one started
+here) sit behind a gateway. Greedy streams (temperature 0) run on both; one
+replica is then killed outright, or only its vLLM engine-core process is.
+Each stream must end normally with exactly the text of an uninterrupted run,
+continued on the surviving replica from the token ids it had produced. After
+the engine-core kill the replica must stop saying it is ready, log one line
+per request it failed (no traceback per request), and exit with an error so
+a scheduler would restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import psutil
+import pytest
+
+from tests.support import Proc, health, sse_events, start_gateway, start_replica
+
+pytestmark = pytest.mark.engine
+
+MODEL = "smollm2"
+TOKENS = 48
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The first president of the United States was",
+    "A week has seven days: Monday,",
+]
+CONFIG = f"""
+deployments:
+  - name: {MODEL}
+    limits: {{max_tokens: {TOKENS}}}
+"""
+
+
+@pytest.fixture
+def victim() -> Iterator[Proc]:
+    """A second real replica, the one that fails."""
+    proc = start_replica(engine="vllm", extra_args=["--drain-timeout", "2"])
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def complete(http: httpx.AsyncClient, prompt: str) -> str:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0}
+    reply = await http.post("/v1/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["choices"][0]["text"])
+
+
+async def stream(http: httpx.AsyncClient, prompt: str, started: asyncio.Event) -> str:
+    """A greedy completion streamed; sets `started` once a few chunks came."""
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    raw = b""
+    chunks = 0
+    async with http.stream("POST", "/v1/completions", json=body) as reply:
+        assert reply.status_code == 200, await reply.aread()
+        async for chunk in reply.aiter_bytes():
+            raw += chunk
+            chunks += chunk.count(b"data: ")
+            if chunks >= 4:
+                started.set()
+    text = ""
+    for name, data in sse_events(raw.decode()):
+        assert name != "error" and not (isinstance(data, dict) and "error" in data), data
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if isinstance(choices, list) and choices:
+            text += str(choices[0].get("text") or "")
+    return text
+
+
+async def run_with_fault(gateway: Proc, fault: str, victim: Proc) -> None:
+    async with httpx.AsyncClient(base_url=gateway.address, timeout=300) as http:
+        # References: each prompt once, uninterrupted, with ignore_eos as the streams.
+        references = []
+        for prompt in PROMPTS:
+            body = {
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            reply = await http.post("/v1/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            references.append(str(reply.json()["choices"][0]["text"]))
+        events = [asyncio.Event() for _ in PROMPTS]
+        streams = [
+            asyncio.create_task(stream(http, p, e)) for p, e in zip(PROMPTS, events, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 240)
+        if fault == "replica":
+            victim.kill()
+        else:
+            cores = [
+                p
+                for p in psutil.Process(victim.proc.pid).children(recursive=True)
+                if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
+            ]
+            assert cores, "no engine-core process under the replica"
+            for core in cores:
+                core.kill()
+        texts = await asyncio.wait_for(asyncio.gather(*streams), 300)
+        assert texts == references
+        metrics = (await http.get("/metrics")).text
+    moved = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("mss_gateway_migrations_total{") and 'outcome="moved"' in line
+    )
+    assert moved >= 1, "no stream was on the failed replica"
+
+
+async def test_greedy_streams_survive_a_killed_replica_word_for_word(
+    real_replica: Proc, victim: Proc
+) -> None:
+    gateway = start_gateway(
+        [(MODEL, real_replica.address), (MODEL, victim.address)], config=CONFIG, timeout=60
+    )
+    try:
+        await run_with_fault(gateway, "replica", victim)
+    finally:
+        gateway.stop()
+
+
+async def test_a_dead_engine_core_moves_its_streams_and_stops_its_replica(
+    real_replica: Proc, victim: Proc
+) -> None:
+    gateway = start_gateway(
+        [(MODEL, real_replica.address), (MODEL, victim.address)], config=CONFIG, timeout=60
+    )
+    try:
+        await run_with_fault(gateway, "engine_core", victim)
+        # Not ready from the moment the core died, then gone with an error status.
+        with contextlib.suppress(grpc.RpcError):  # exited already: the other good outcome
+            assert not health(victim.address, timeout=2.0).ready
+        assert victim.proc.wait(60) == 1
+        log = victim.log()
+        assert "engine died" in log
+        assert "engine failed the request" not in log  # no per-request traceback
+        failed = [line for line in log.splitlines() if "failed: engine died" in line]
+        assert len(failed) <= len(PROMPTS), failed
+        # The survivor keeps serving, and new requests never reach the dead one.
+        async with httpx.AsyncClient(base_url=gateway.address, timeout=120) as http:
+            assert await complete(http, PROMPTS[0])
+    finally:
+        gateway.stop()
