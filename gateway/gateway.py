@@ -31,6 +31,7 @@ from gateway import metrics
 from gateway.admission import ClientLimiter
 from gateway.api_keys import KeyStore
 from gateway.api_models import check_max_tokens
+from gateway.cold_start import ColdStarts, Hold, HoldAbandoned
 from gateway.errors import ApiError, send_error
 from gateway.generation import GenerationRequest, GenerationService
 from gateway.rate_limits import KeyLimiter
@@ -120,6 +121,7 @@ class Gateway:
             slow_client_timeout_s=self.settings.slow_client_timeout_s,
             limiter=ClientLimiter(self.settings.max_in_flight_per_client),
         )
+        self.cold_starts = ColdStarts(self.table, self.settings.hold_keepalive_s)
         self.keys = KeyStore(self.settings)
         self.started = int(time.time())
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,10 +133,20 @@ class Gateway:
         if self.keys.path is not None:
             tasks.append(asyncio.create_task(self.keys.watch(), name="keys-file-watch"))
         if self.options.controller:
+            from gateway.load_reporter import LoadReporter
             from gateway.route_watcher import RouteWatcher
 
             watcher = RouteWatcher(self.options.controller, self.table.apply, self.creds)
             tasks.append(asyncio.create_task(watcher.run(), name="route-watcher"))
+            reporter = LoadReporter(
+                self.options.controller,
+                self.table,
+                self.cold_starts.held,
+                self.creds,
+                self.settings.load_report_interval_s,
+            )
+            self.cold_starts.on_held = reporter.nudge
+            tasks.append(asyncio.create_task(reporter.run(), name="load-reporter"))
             log.info("watching routes from the controller at %s", self.options.controller)
         else:
             table = static_table(self.options.replicas, self.options.config, self.options.routing)
@@ -191,6 +203,7 @@ class Gateway:
         http = Request(scope, receive)
         label = ""  # the model, once the table knows it: a metric label, so labels stay few
         generating = False
+        hold: Hold | None = None
         try:
             key = self.check_auth(http)
             body, is_json = await read_body(
@@ -213,13 +226,22 @@ class Gateway:
                 key=key,
             )
             generating = True
+            if self.cold_starts.needs_hold(router):  # autoscaled, and no replica ready yet
+                fmt = request.fmt if inp.stream else None
+                hold = await self.cold_starts.hold(router, receive, send, fmt, rid)
+                send = hold.send
             status = await self.generation.run(scope, receive, send, router, request)
+        except HoldAbandoned:
+            status = 499
         except ApiError as exc:
             status = exc.status
             reason = rejection_reason(exc)
             if reason is not None:
                 metrics.REJECTIONS.labels(label, reason).inc()
-            await send_error(send, exc, (b"x-request-id", rid.encode()))
+            if hold is not None and hold.opened:  # the stream's 200 went out while held
+                await hold.fail(exc)
+            else:
+                await send_error(send, exc, (b"x-request-id", rid.encode()))
         except Exception:
             if generating:  # bytes may have gone out: the server ends the response
                 raise
@@ -227,6 +249,9 @@ class Gateway:
             status = 500
             err = ApiError(status, "internal error; see the gateway log", code="internal")
             await send_error(send, err, (b"x-request-id", rid.encode()))
+        finally:
+            if hold is not None:
+                hold.done()
         metrics.count_request(label, route, status)
         log.debug("%s %s answered %d", route, label, status)
 

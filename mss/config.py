@@ -278,6 +278,13 @@ class GatewaySettings(StrictModel):
     client_send_buffer_bytes: int = Field(262_144, ge=0, le=64 * 1024 * 1024)
     """Kernel send buffer of each client socket (0: the kernel's autotuning, up to megabytes),
     so a client that stops reading blocks its stream soon and is dropped after the timeout."""
+    hold_keepalive_s: float = Field(5.0, gt=0, le=300)
+    """A streaming request held while its autoscaled model starts a replica gets its 200 and an
+    SSE comment line after this long, then every this long (proxies keep the connection). A
+    hold that fails sooner is a plain 503 with Retry-After; later, an error event."""
+    load_report_interval_s: float = Field(1.0, gt=0, le=60)
+    """How often each gateway process reports its per-model load to the controller (the
+    autoscaler's signal); a request held at zero replicas is reported at once."""
     api_keys: ApiKeys = Field(default_factory=list)
     """Keys accepted as `Authorization: Bearer <key>`, stored hashed, each with optional limits.
     With any key here or an `api_keys_file`, every API request needs a key (else 401)."""
