@@ -77,10 +77,64 @@ class Hold:
     raw_send: Any
     fmt: StreamFormat | None
     request_id: str
+    waiter: asyncio.Future[None]
+    timeout_s: float
+    keepalive_s: float
+    started: float
+    """Loop time the request was held."""
     opened: bool = False
     """The 200 and keep-alive comments went out: the answer is now a stream."""
     released: bool = False
     dispatched: bool = False
+
+    async def wait(self, receive: Any) -> None:
+        """Until the request may go to a replica; raises ApiError (503) or HoldAbandoned."""
+        loop = asyncio.get_running_loop()
+        name, waiter, started = self.queue.model, self.waiter, self.started
+        gone = asyncio.ensure_future(_disconnect(receive))
+        metrics.HELD.labels(name).inc()
+        try:
+            keepalives = 0
+            while not waiter.done():
+                now = loop.time()
+                if now - started >= self.timeout_s:
+                    raise ApiError(
+                        503,
+                        f"model {name!r} has no ready replica after {self.timeout_s:g} s "
+                        "(cold start timeout); retry later",
+                        code="cold_start_timeout",
+                        retry_after=RETRY_AFTER_S,
+                    )
+                wake = started + self.timeout_s
+                if self.fmt is not None:
+                    due = started + self.keepalive_s * (keepalives + 1)
+                    if now >= due:
+                        await self.keepalive()
+                        keepalives += 1
+                        continue
+                    wake = min(wake, due)
+                await asyncio.wait(
+                    {waiter, gone},
+                    timeout=max(0.0, wake - now),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if gone.done():
+                    raise HoldAbandoned
+            waiter.result()  # the reason no replica will come, when there is one
+            if gone.done():
+                raise HoldAbandoned
+            self.dispatched = True
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.queue.dispatched -= 1  # let go as we left: the slot passes on
+            waiter.cancel()
+            raise
+        finally:
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+            metrics.HELD.labels(name).dec()
+            metrics.HOLD_SECONDS.labels(name).observe(loop.time() - started)
 
     async def send(self, message: dict[str, Any]) -> None:
         """The ASGI send for the rest of the request: its own 200 went out already."""
@@ -136,10 +190,9 @@ class ColdStarts:
         queue = self._queues.get(router.name)
         return not router.ready() or (queue is not None and bool(queue.waiters))
 
-    async def hold(
-        self, router: ModelRouter, receive: Any, send: Any, fmt: StreamFormat | None, rid: str
-    ) -> Hold:
-        """Wait until the request may go to a replica; raises ApiError (503) or HoldAbandoned.
+    def enter(self, router: ModelRouter, send: Any, fmt: StreamFormat | None, rid: str) -> Hold:
+        """Hold a request (then `await hold.wait(receive)`); raises ApiError (503) when the
+        controller says no replica will come soon or the model holds `max_queue` already.
 
         `fmt` is the stream's format for a streaming request (keep-alives and the
         error event), None for one answered as a whole body.
@@ -166,57 +219,19 @@ class ColdStarts:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         queue.waiters.append(waiter)
-        hold = Hold(queue, send, fmt, rid)
         if queue.pump is None or queue.pump.done():
             queue.pump = asyncio.create_task(self._pump(queue), name=f"cold-start-{name}")
         self.on_held()
-        started = loop.time()
-        timeout = router.cold_start_timeout_s
-        gone = asyncio.ensure_future(_disconnect(receive))
-        metrics.HELD.labels(name).inc()
-        try:
-            keepalives = 0
-            while not waiter.done():
-                now = loop.time()
-                if now - started >= timeout:
-                    raise ApiError(
-                        503,
-                        f"model {name!r} has no ready replica after {timeout:g} s "
-                        "(cold start timeout); retry later",
-                        code="cold_start_timeout",
-                        retry_after=RETRY_AFTER_S,
-                    )
-                wake = started + timeout
-                if fmt is not None:
-                    due = started + self.keepalive_s * (keepalives + 1)
-                    if now >= due:
-                        await hold.keepalive()
-                        keepalives += 1
-                        continue
-                    wake = min(wake, due)
-                await asyncio.wait(
-                    {waiter, gone},
-                    timeout=max(0.0, wake - now),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if gone.done():
-                    raise HoldAbandoned
-            waiter.result()  # the reason no replica will come, when there is one
-            if gone.done():
-                raise HoldAbandoned
-            hold.dispatched = True
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                queue.dispatched -= 1  # let go as we left: the slot passes on
-            waiter.cancel()
-            raise
-        finally:
-            gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
-            metrics.HELD.labels(name).dec()
-            metrics.HOLD_SECONDS.labels(name).observe(loop.time() - started)
-        return hold
+        return Hold(
+            queue,
+            send,
+            fmt,
+            rid,
+            waiter=waiter,
+            timeout_s=router.cold_start_timeout_s,
+            keepalive_s=self.keepalive_s,
+            started=loop.time(),
+        )
 
     async def _pump(self, queue: _Queue) -> None:
         """Let held requests go as replicas become ready, until none is held."""

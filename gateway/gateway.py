@@ -228,7 +228,8 @@ class Gateway:
             generating = True
             if self.cold_starts.needs_hold(router):  # autoscaled, and no replica ready yet
                 fmt = request.fmt if inp.stream else None
-                hold = await self.cold_starts.hold(router, receive, send, fmt, rid)
+                hold = self.cold_starts.enter(router, send, fmt, rid)
+                await hold.wait(receive)
                 send = hold.send
             status = await self.generation.run(scope, receive, send, router, request)
         except HoldAbandoned:

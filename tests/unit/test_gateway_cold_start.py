@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.api_models import GenerationInput
-from gateway.cold_start import KEEPALIVE, ColdStarts, HoldAbandoned
+from gateway.cold_start import KEEPALIVE, ColdStarts, Hold, HoldAbandoned
 from gateway.errors import ApiError
 from gateway.load_reporter import LoadReporter, quantile
 from gateway.routing_table import ModelRouter, RoutingTable
@@ -58,6 +58,14 @@ def setup(**extra: Any) -> tuple[RoutingTable, ColdStarts, ModelRouter, list[int
     return rt, holds, router, nudges
 
 
+async def held(
+    holds: ColdStarts, router: ModelRouter, client: Client, form: SeedFormat | None, rid: str
+) -> Hold:
+    hold = holds.enter(router, client.send, form, rid)
+    await hold.wait(client.receive)
+    return hold
+
+
 def fmt() -> SeedFormat:
     return SeedFormat("rid", "echo", GenerationInput(prompt="x", stream=True))
 
@@ -70,7 +78,7 @@ async def test_held_requests_go_in_arrival_order_no_more_than_the_replica_admits
     clients = [Client() for _ in range(5)]
 
     async def one(i: int) -> None:
-        hold = await holds.hold(router, clients[i].receive, clients[i].send, None, f"r{i}")
+        hold = await held(holds, router, clients[i], None, f"r{i}")
         order.append(i)
         await asyncio.sleep(0.05)
         hold.done()
@@ -95,7 +103,7 @@ async def test_cold_start_timeout_is_a_503_with_retry_after() -> None:
     rt, holds, router, _ = setup(timeout=0.1)
     client = Client()
     with pytest.raises(ApiError) as err:
-        await holds.hold(router, client.receive, client.send, None, "r")
+        await held(holds, router, client, None, "r")
     assert err.value.status == 503 and err.value.code == "cold_start_timeout"
     assert (b"retry-after", b"5") in err.value.headers()
     assert "cold start timeout" in err.value.message
@@ -104,10 +112,10 @@ async def test_cold_start_timeout_is_a_503_with_retry_after() -> None:
 
 async def test_queue_bound_refuses_at_once() -> None:
     rt, holds, router, _ = setup(max_queue=1)
-    first = asyncio.create_task(holds.hold(router, Client().receive, Client().send, None, "a"))
+    first = asyncio.create_task(held(holds, router, Client(), None, "a"))
     await asyncio.sleep(0.01)
     with pytest.raises(ApiError) as err:
-        await holds.hold(router, Client().receive, Client().send, None, "b")
+        await held(holds, router, Client(), None, "b")
     assert err.value.status == 503 and err.value.code == "capacity"
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
@@ -117,7 +125,7 @@ async def test_queue_bound_refuses_at_once() -> None:
 async def test_a_start_failure_ends_held_requests_with_its_reason() -> None:
     rt, holds, router, _ = setup()
     client = Client()
-    task = asyncio.create_task(holds.hold(router, client.receive, client.send, fmt(), "r"))
+    task = asyncio.create_task(held(holds, router, client, fmt(), "r"))
     await asyncio.sleep(0.3)  # past the keep-alive: the stream opened
     reason = "replica echo-1 failed to start: exited with code 1; restart 1 in 1.0 s"
     rt.apply(table(2, 0, unavailable=reason))
@@ -128,14 +136,14 @@ async def test_a_start_failure_ends_held_requests_with_its_reason() -> None:
     assert client.sent[1]["body"] == KEEPALIVE
     # A new request is refused at once while the controller says so.
     with pytest.raises(ApiError):
-        await holds.hold(router, client.receive, client.send, None, "r2")
+        await held(holds, router, client, None, "r2")
     await rt.close()
 
 
 async def test_streaming_hold_sends_keepalives_then_the_stream_continues() -> None:
     rt, holds, router, _ = setup()
     client = Client()
-    task = asyncio.create_task(holds.hold(router, client.receive, client.send, fmt(), "r"))
+    task = asyncio.create_task(held(holds, router, client, fmt(), "r"))
     await asyncio.sleep(0.45)
     rt.apply(table(2, 1))
     hold = await task
@@ -151,7 +159,7 @@ async def test_streaming_hold_sends_keepalives_then_the_stream_continues() -> No
 async def test_a_client_that_leaves_while_held_gives_back_its_place() -> None:
     rt, holds, router, _ = setup()
     client = Client()
-    task = asyncio.create_task(holds.hold(router, client.receive, client.send, None, "r"))
+    task = asyncio.create_task(held(holds, router, client, None, "r"))
     await asyncio.sleep(0.02)
     client.leave.set()
     with pytest.raises(HoldAbandoned):
