@@ -80,9 +80,13 @@ class ControlLoop:
         for gone in self._known_deployments - names:
             metrics.TARGET_REPLICAS.remove(gone)
             metrics.RUNNING_REPLICAS.remove(gone)
-            for gauge in (metrics.AUTOSCALER_ONGOING, metrics.AUTOSCALER_HELD):
+            for family in (
+                metrics.AUTOSCALER_ONGOING,
+                metrics.AUTOSCALER_HELD,
+                metrics.COLD_START_SECONDS,
+            ):
                 try:
-                    gauge.remove(gone)
+                    family.remove(gone)
                 except KeyError:
                     pass  # it did not autoscale
         self._known_deployments = names
@@ -91,6 +95,7 @@ class ControlLoop:
             metrics.RUNNING_REPLICAS.labels(name).set(self.state.running_replicas(name))
             metrics.REPLICA_RESTARTS.labels(name)  # exported as 0 before the first restart
             if record.spec.autoscaling is not None:
+                metrics.COLD_START_SECONDS.labels(name)  # exported empty before the first
                 metrics.AUTOSCALER_ONGOING.labels(name).set(record.scaling.ongoing)
                 metrics.AUTOSCALER_HELD.labels(name).set(record.scaling.held)
         counts = self.state.replica_counts()
