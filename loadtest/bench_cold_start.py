@@ -141,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                     ttft, total, text = first_token(
                         system.url, args.max_tokens, args.cold_start_timeout + 60
                     )
-                    row: dict[str, object] = {"round": n + 1, "kind": kind, "ttft_s": ttft, "total_s": total}
+                    row: dict[str, object] = {
+                        "round": n + 1,
+                        "kind": kind,
+                        "ttft_s": ttft,
+                        "total_s": total,
+                    }
                     rows.append(row)
                     sys.stdout.write(f"{json.dumps(row)} {text[:40]!r}\n")
                     sys.stdout.flush()
