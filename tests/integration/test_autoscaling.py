@@ -106,6 +106,9 @@ async def test_load_ramp_scales_up_down_to_zero_and_back_failing_nothing(
     assert deployment(status).target_replicas == 0
     table = (await asyncio.to_thread(run_mss, "status", "--controller", cluster.controller)).stdout
     assert "scaled to zero" in table
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        card = (await http.get(f"{cluster.url}/v1/models")).json()["data"][0]
+    assert (card["id"], card["scaled_to_zero"], card["ready_replicas"]) == ("echo", True, 0)
 
     # At zero: the request is held, a replica starts at once, the request is served.
     began = time.monotonic()
