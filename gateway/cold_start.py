@@ -21,7 +21,6 @@ status line is gone) carrying the same 503 and message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -131,8 +130,7 @@ class Hold:
             raise
         finally:
             gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
+            await asyncio.gather(gone, return_exceptions=True)
             metrics.HELD.labels(name).dec()
             metrics.HOLD_SECONDS.labels(name).observe(loop.time() - started)
 
