@@ -188,6 +188,7 @@ async def test_a_replica_that_cannot_start_fails_held_requests_clearly(
     assert resp.status_code == 503, resp.text
     message = resp.json()["error"]["message"]
     assert "failed to start: exited with code 1" in message, message
+    assert "engine failed to start: RuntimeError('simulated corrupt weights')" in message
     assert "retry-after" in resp.headers
     # The controller does not give up: the scheduler restarts it with backoff.
     await cluster.wait_for(
