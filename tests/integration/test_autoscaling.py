@@ -196,3 +196,29 @@ async def test_a_replica_that_cannot_start_fails_held_requests_clearly(
     )
     out = await asyncio.to_thread(run_mss, "scale", "echo", "2", "--controller", cluster.controller)
     assert out.returncode == 1 and "is autoscaled" in out.stderr, out.stderr
+
+
+async def test_a_burst_at_zero_is_served_in_order_within_the_replica_limit(
+    cluster: AutoscaledCluster,
+) -> None:
+    await start(
+        cluster,
+        autoscaling={**FAST_SCALING, "max_replicas": 1},
+        engine_args={"token_interval_ms": 20, "load_delay_s": 2},
+        limits={"replica_max_in_flight": 4},
+    )
+    finished: list[int] = []
+
+    async def one(i: int) -> int:
+        await asyncio.sleep(0.05 * i)  # arrival order
+        resp = await one_request(cluster.url, stream=i % 2 == 0)
+        finished.append(i)
+        return resp.status_code
+
+    codes = await asyncio.gather(*(one(i) for i in range(16)))
+    assert codes == [200] * 16
+    # Four at a time, oldest first: the first arrivals are among the first to finish.
+    assert {0, 1, 2, 3} <= set(finished[:8]) and {12, 13, 14, 15} <= set(finished[-8:])
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        metrics = (await http.get(f"{cluster.url}/metrics")).text
+    assert 'mss_gateway_retries_total{model="echo"} 0.0' in metrics  # the replica refused none
