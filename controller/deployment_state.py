@@ -73,6 +73,8 @@ class ScalingState:
     held: int = 0
     cold_start_began: float | None = None
     """Clock time the target left zero, until a replica runs."""
+    warm_since: float | None = None
+    """Clock time the last cold start ended (its first replica ran)."""
 
 
 @dataclass(slots=True)
@@ -357,11 +359,16 @@ class DeploymentState:
         on_replicas = sum(r.running + r.waiting for r in live)
         # Both count the same requests, seen from either end; the larger misses none.
         ongoing = max(reported.ongoing, on_replicas)
+        ttft = reported.ttft_p95_s
+        if state.cold_start_began is not None or (
+            state.warm_since is not None and now - state.warm_since < self.loads.expires_after_s
+        ):
+            ttft = None  # held requests waited for a cold start, not for a slow replica
         signals = Signals(
             ongoing=ongoing,
             current=record.target,
             held=reported.held,
-            ttft_p95_s=reported.ttft_p95_s,
+            ttft_p95_s=ttft,
             pending=record.pending,
         )
         decision = decide(cfg, signals, state.memory, now)
@@ -387,6 +394,7 @@ class DeploymentState:
         if state.cold_start_began is not None and any(r.state == RUNNING for r in live):
             self.events.cold_starts.append((name, now - state.cold_start_began))
             state.cold_start_began = None
+            state.warm_since = now
 
     def _count_decision(self, name: str, direction: str, kind: str) -> None:
         key = (name, direction, kind)

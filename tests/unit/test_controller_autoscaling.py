@@ -138,3 +138,40 @@ def test_scale_is_refused_and_apply_keeps_the_target_within_new_bounds() -> None
     assert state.deployments["echo"].target == 3
     state.apply([fake(replicas=1, autoscaling={**SCALING, "max_replicas": 2})])
     assert state.deployments["echo"].target == 2
+
+
+def test_replicas_starting_with_no_traffic_are_never_added_to() -> None:
+    state, clock = make_state(fake(replicas=2, autoscaling=SCALING))
+    state.register_node(node("n1"), [])
+    for _ in range(120):  # two minutes of replicas loading, gateways reporting nothing
+        state.update()
+        report(state, "n1", pb.STARTING)
+        state.report_load("g1", [pb.ModelLoad(model="echo")])
+        clock.now += 1.0
+        assert state.deployments["echo"].target <= 2
+    assert len(state.assignments("n1")) <= 2
+
+
+def test_a_cold_start_wait_is_not_taken_for_a_slow_replica() -> None:
+    scaling = {**SCALING, "ttft_slo_ms": 500, "upscale_delay_s": 0}
+    state, clock = make_state(fake(replicas=0, autoscaling=scaling))
+    state.register_node(node("n1"), [])
+    held(state, "g1", 1)
+    state.update()
+    report(state, "n1", pb.RUNNING)
+    state.update()  # the replica runs: the cold start ends
+    # The held request's first token came 4 s after it arrived: over the objective.
+    state.report_load(
+        "g1", [pb.ModelLoad(model="echo", in_flight=1, ttft_p95_s=4.0, ttft_samples=1)]
+    )
+    clock.now += 1.0
+    report(state, "n1", pb.RUNNING)
+    state.update()
+    assert state.deployments["echo"].target == 1
+    clock.now += 10.0  # later, a slow first token is the replica's
+    report(state, "n1", pb.RUNNING)
+    state.report_load(
+        "g1", [pb.ModelLoad(model="echo", in_flight=1, ttft_p95_s=4.0, ttft_samples=1)]
+    )
+    state.update()
+    assert state.deployments["echo"].target == 2
