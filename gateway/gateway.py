@@ -7,7 +7,8 @@ in one place, `serve`, in one direction:
 1. read it (`gateway.request_reader`): API key, content type, body size, the
    route's parser;
 2. route it: the model's `ModelRouter` and the max_tokens bound;
-3. hand it to `GenerationService.run`, which admits it and streams it.
+3. hold it while an autoscaled model has no ready replica (`gateway.cold_start`);
+4. hand it to `GenerationService.run`, which admits it and streams it.
 
 Every refusal, from any step (or from the replicas before the first byte), is
 answered and counted in `serve`, and nowhere else.
@@ -92,9 +93,10 @@ def rejection_reason(exc: ApiError) -> str | None:
     429, whether the gateway or a replica found it), no or a wrong API key
     (`auth`), a client or key over its limit (`rate`), a model or all its replicas
     busy (`capacity`: 503). A model with no ready replica and the other 5xx
-    (a replica failing or timing out, an internal error) are outages instead.
+    (a replica failing or timing out, an internal error) are outages instead, as is
+    a cold start that outlasts its timeout.
     """
-    if exc.code == "no_replica":
+    if exc.code in ("no_replica", "cold_start_timeout"):
         return None
     reason = REJECTION_REASONS.get(exc.status)
     if reason is None and exc.status < 500:
