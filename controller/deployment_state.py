@@ -2,15 +2,17 @@
 
 The controller decides; schedulers report and carry out. `DeploymentState` is
 the controller's whole view and changes it only in answer to reports
-(`register_node`, `heartbeat`), admin calls (`apply`, `scale`) and the periodic
-`update()`. It owns the desired state (deployments and their targets), applies
+(`register_node`, `heartbeat`, the gateways' `report_load`), admin calls
+(`apply`, `scale`) and the periodic `update()`. It owns the desired state (deployments and their targets), applies
 reports to the replica records and reconciles each deployment; the other
 concerns sit in their own modules and share one replica container:
 
 - `controller/replicas.py`: the records, indexed by id, node and deployment;
 - `controller/nodes.py`: node liveness, the dead-node timeout, and the fate of
   a dead node's replicas (`NodeManager.update()`);
-- `controller/placement.py`: where a new replica goes, and stop order.
+- `controller/placement.py`: where a new replica goes, and stop order;
+- `controller/autoscaler.py`: an autoscaled deployment's target, from its load
+  (`controller/load_reports.py` keeps the gateways' reports).
 
 It performs no I/O: the caller persists `snapshot()` and publishes
 `routing_models()`, so unit tests drive it with a fake clock and no sleeps.
