@@ -281,7 +281,11 @@ def create_api(gateway: Gateway) -> FastAPI:
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready", summary="200 when some model has a ready replica, else 503")
+    @app.get(
+        "/ready",
+        summary="200 when some model has a ready replica or is autoscaled (starts one on "
+        "demand), else 503",
+    )
     async def ready() -> JSONResponse:
         table = gateway.table
         models = {
