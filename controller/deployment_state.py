@@ -3,9 +3,10 @@
 The controller decides; schedulers report and carry out. `DeploymentState` is
 the controller's whole view and changes it only in answer to reports
 (`register_node`, `heartbeat`, the gateways' `report_load`), admin calls
-(`apply`, `scale`) and the periodic `update()`. It owns the desired state (deployments and their targets), applies
-reports to the replica records and reconciles each deployment; the other
-concerns sit in their own modules and share one replica container:
+(`apply`, `scale`) and the periodic `update()`. It owns the desired state
+(deployments and their targets), applies reports to the replica records and
+reconciles each deployment; the other concerns sit in their own modules and
+share one replica container:
 
 - `controller/replicas.py`: the records, indexed by id, node and deployment;
 - `controller/nodes.py`: node liveness, the dead-node timeout, and the fate of
