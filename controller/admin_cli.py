@@ -1,7 +1,10 @@
 """`mss status` and `mss scale`: command-line clients of the controller's admin RPCs.
 
 `mss status` prints nodes, deployments and replicas as the controller sees
-them, as tables; `mss scale MODEL N` sets how many replicas a deployment runs.
+them, as tables (with each autoscaled deployment's bounds, load and the
+autoscaler's last decision); `mss scale MODEL N` sets how many replicas a
+deployment runs, and is refused for an autoscaled one (its bounds are in the
+config).
 Each command is a `Command` that `mss/cli.py` names as
 `controller.admin_cli:status` and `controller.admin_cli:scale`. The answers are
 built on the controller side by `controller/status.py`.
@@ -91,12 +94,14 @@ def render(status: pb.StatusResponse, now: float | None = None) -> str:
         [
             d.name,
             f"{d.running_replicas}/{d.target_replicas}",
+            _scaling_cell(d),
             d.engine,
             d.model_source,
             d.strategy,
         ]
         for d in status.deployments
     ]
+    decisions = [_decision_line(d, now) for d in status.deployments if d.HasField("autoscaling")]
     replicas = [
         [
             r.status.replica_id,
@@ -119,12 +124,35 @@ def render(status: pb.StatusResponse, now: float | None = None) -> str:
         table(["NODE", "HOST", "STATE", "CPUS", "MEM_GIB", "GPUS", "HEARTBEAT"], nodes),
         "",
         "DEPLOYMENTS",
-        table(["NAME", "RUNNING", "ENGINE", "MODEL", "ROUTING"], deployments),
+        table(["NAME", "RUNNING", "AUTOSCALING", "ENGINE", "MODEL", "ROUTING"], deployments),
+        *decisions,
         "",
         "REPLICAS",
         table(REPLICA_COLUMNS, replicas),
     ]
     return "\n".join(parts)
+
+
+def _scaling_cell(d: pb.DeploymentStatus) -> str:
+    """`0..4, 3 ongoing` for an autoscaled deployment (`scaled to zero` at 0), else `-`."""
+    if not d.HasField("autoscaling"):
+        return "-"
+    a = d.autoscaling
+    cell = f"{a.min_replicas}..{a.max_replicas}, {a.ongoing_requests:g} ongoing"
+    if a.held_requests:
+        cell += f", {a.held_requests} held"
+    if d.target_replicas == 0 and d.running_replicas == 0:
+        cell += ", scaled to zero"
+    return cell
+
+
+def _decision_line(d: pb.DeploymentStatus, now: float) -> str:
+    """The autoscaler's last decision and reason, and when the target last changed."""
+    a = d.autoscaling
+    changed = (
+        f"; target last changed {now - a.last_change_unix:.0f}s ago" if a.last_change_unix else ""
+    )
+    return f"  {d.name}: {a.last_direction or '-'}: {a.last_reason or '-'}{changed}"
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -172,6 +200,7 @@ def _run_scale(args: argparse.Namespace) -> int:
             known = isinstance(exc, grpc.Call) and exc.code() in (
                 grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
             )
             detail = exc.details() if isinstance(exc, grpc.Call) and known else describe(exc)
             sys.stderr.write(f"mss scale: {detail}\n")

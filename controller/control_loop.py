@@ -79,18 +79,38 @@ class ControlLoop:
         names = set(self.state.deployments)
         for gone in self._known_deployments - names:
             metrics.TARGET_REPLICAS.remove(gone)
+            metrics.RUNNING_REPLICAS.remove(gone)
+            for family in (
+                metrics.AUTOSCALER_ONGOING,
+                metrics.AUTOSCALER_HELD,
+                metrics.COLD_START_SECONDS,
+            ):
+                try:
+                    family.remove(gone)
+                except KeyError:
+                    pass  # it did not autoscale
         self._known_deployments = names
         for name, record in self.state.deployments.items():
             metrics.TARGET_REPLICAS.labels(name).set(record.target)
+            metrics.RUNNING_REPLICAS.labels(name).set(self.state.running_replicas(name))
             metrics.REPLICA_RESTARTS.labels(name)  # exported as 0 before the first restart
+            if record.spec.autoscaling is not None:
+                metrics.COLD_START_SECONDS.labels(name)  # exported empty before the first
+                metrics.AUTOSCALER_ONGOING.labels(name).set(record.scaling.ongoing)
+                metrics.AUTOSCALER_HELD.labels(name).set(record.scaling.held)
         counts = self.state.replica_counts()
         for key in self._known_states - set(counts):
             metrics.REPLICAS.remove(*key)
         self._known_states = set(counts)
         for (deployment, state), value in counts.items():
             metrics.REPLICAS.labels(deployment, state).set(value)
-        for deployment, n in self.state.take_events().restarts.items():
+        events = self.state.take_events()
+        for deployment, n in events.restarts.items():
             metrics.REPLICA_RESTARTS.labels(deployment).inc(n)
+        for (deployment, direction, reason), n in events.decisions.items():
+            metrics.AUTOSCALER_DECISIONS.labels(deployment, direction, reason).inc(n)
+        for deployment, seconds in events.cold_starts:
+            metrics.COLD_START_SECONDS.labels(deployment).observe(seconds)
 
     async def run(self) -> None:
         while True:

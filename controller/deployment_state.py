@@ -2,15 +2,18 @@
 
 The controller decides; schedulers report and carry out. `DeploymentState` is
 the controller's whole view and changes it only in answer to reports
-(`register_node`, `heartbeat`), admin calls (`apply`, `scale`) and the periodic
-`update()`. It owns the desired state (deployments and their targets), applies
-reports to the replica records and reconciles each deployment; the other
-concerns sit in their own modules and share one replica container:
+(`register_node`, `heartbeat`, the gateways' `report_load`), admin calls
+(`apply`, `scale`) and the periodic `update()`. It owns the desired state
+(deployments and their targets), applies reports to the replica records and
+reconciles each deployment; the other concerns sit in their own modules and
+share one replica container:
 
 - `controller/replicas.py`: the records, indexed by id, node and deployment;
 - `controller/nodes.py`: node liveness, the dead-node timeout, and the fate of
   a dead node's replicas (`NodeManager.update()`);
-- `controller/placement.py`: where a new replica goes, and stop order.
+- `controller/placement.py`: where a new replica goes, and stop order;
+- `controller/autoscaler.py`: an autoscaled deployment's target, from its load
+  (`controller/load_reports.py` keeps the gateways' reports).
 
 It performs no I/O: the caller persists `snapshot()` and publishes
 `routing_models()`, so unit tests drive it with a fake clock and no sleeps.
@@ -35,6 +38,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from controller.autoscaler import Decision, Memory, Signals, decide
+from controller.load_reports import LoadReports
 from controller.nodes import NodeManager, NodeRecord
 from controller.placement import Placement, stop_order
 from controller.replicas import ReplicaContainer, ReplicaRecord, spec_key
@@ -54,12 +59,36 @@ from protos import controller_pb2 as pb
 log = logging.getLogger(__name__)
 
 
+class Autoscaled(Exception):
+    """`scale` on a deployment whose replica count follows the load; the message says why."""
+
+
+@dataclass(slots=True)
+class ScalingState:
+    """What the autoscaler knows of one deployment between steps (not persisted)."""
+
+    memory: Memory = field(default_factory=Memory)
+    decision: Decision | None = None
+    """The last step's decision."""
+    changed_at: float | None = None
+    """Clock time the target last changed."""
+    ongoing: float = 0.0
+    held: int = 0
+    cold_start_began: float | None = None
+    """Clock time the target left zero, until a replica runs."""
+    warm_since: float | None = None
+    """Clock time the last cold start ended (its first replica ran)."""
+
+
 @dataclass(slots=True)
 class DeploymentRecord:
     spec: Deployment
     target: int
     applied_json: str
     """JSON of the deployment as the config last gave it (replica count included)."""
+    pending: str = ""
+    """Why the last reconcile could not place a wanted replica; empty when it could."""
+    scaling: ScalingState = field(default_factory=ScalingState)
 
 
 @dataclass(slots=True)
@@ -67,6 +96,11 @@ class Events:
     """Counts since the last `take_events()`, for metrics."""
 
     restarts: dict[str, int] = field(default_factory=dict)
+    decisions: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """(deployment, direction, reason kind) -> autoscaler decisions that changed the target
+    (and holds for want of room, once per episode)."""
+    cold_starts: list[tuple[str, float]] = field(default_factory=list)
+    """(deployment, seconds from leaving zero to the first running replica)."""
 
 
 class DeploymentState:
@@ -78,6 +112,7 @@ class DeploymentState:
         clock: Callable[[], float] = time.monotonic,
         route_grace_s: float = 1.0,
         settle_s: float = 0.0,
+        load_expires_after_s: float = 5.0,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -91,6 +126,8 @@ class DeploymentState:
         self.node_manager = NodeManager(settings, self.replicas, clock)
         self.placement = Placement(self.node_manager, self.replicas, clock)
         self.events = Events()
+        self.loads = LoadReports(load_expires_after_s)
+        """Gateways' load reports, the autoscaler's main signal."""
 
     @property
     def nodes(self) -> Mapping[str, NodeRecord]:
@@ -122,13 +159,26 @@ class DeploymentState:
                 continue
             if record is None:
                 log.info("deployment %s added: %d replicas", name, spec.replicas)
-            else:
-                log.info("deployment %s changed: %d replicas", name, spec.replicas)
-            self.deployments[name] = DeploymentRecord(spec, spec.replicas, applied)
+                self.deployments[name] = DeploymentRecord(spec, spec.replicas, applied)
+                continue
+            log.info("deployment %s changed: %d replicas", name, spec.replicas)
+            target = spec.replicas
+            if spec.autoscaling is not None and record.spec.autoscaling is not None:
+                target = spec.autoscaling.clamp(record.target)  # the load decides, not the file
+            self.deployments[name] = DeploymentRecord(spec, target, applied, scaling=record.scaling)
 
     def scale(self, name: str, replicas: int) -> DeploymentRecord:
-        """Set a deployment's target; raises KeyError for an unknown deployment."""
+        """Set a deployment's target; raises KeyError for an unknown deployment and
+        `Autoscaled` for one whose count follows the load."""
         record = self.deployments[name]
+        scaling = record.spec.autoscaling
+        if scaling is not None:
+            raise Autoscaled(
+                f"deployment {name!r} is autoscaled ({scaling.min_replicas}..."
+                f"{scaling.max_replicas} replicas, {record.target} wanted now): its count "
+                "follows the load. Change autoscaling.min_replicas and max_replicas in the "
+                "config and apply it, or remove its autoscaling block to scale by hand"
+            )
         if record.target != replicas:
             log.info("deployment %s scaled %d -> %d", name, record.target, replicas)
         record.target = replicas
@@ -256,6 +306,10 @@ class DeploymentState:
             log.exception("node liveness check failed; next step retries")
         for name in sorted(self.deployments):
             try:
+                self._autoscale(self.deployments[name])
+            except Exception:
+                log.exception("autoscaling of deployment %s failed; next step retries", name)
+            try:
                 self._reconcile(self.deployments[name])
             except Exception:
                 log.exception("reconcile of deployment %s failed; next step retries", name)
@@ -272,9 +326,14 @@ class DeploymentState:
         outdated = [r for r in live if r.spec_key != key]
 
         missing = record.target - len(current)
+        pending = ""
         for _ in range(max(0, missing)):
             if self.placement.place(spec) is None:
+                pending = self.placement.shortage(spec)
                 break
+        if pending and not record.pending and spec.autoscaling is not None:
+            self._count_decision(spec.name, "hold", "pending")
+        record.pending = pending
 
         surplus = len(current) - record.target
         if surplus > 0:
@@ -286,6 +345,63 @@ class DeploymentState:
         excess = running_current + len(outdated) - record.target
         for rec in stop_order(outdated)[: max(0, excess)]:
             self._stop(rec, f"replaced by the new spec of {spec.name}")
+
+    def report_load(self, gateway_id: str, models: list[pb.ModelLoad]) -> None:
+        """A gateway's report of the requests it holds per model (replaces its last one)."""
+        self.loads.record(gateway_id, models, self.clock())
+
+    def _autoscale(self, record: DeploymentRecord) -> None:
+        cfg = record.spec.autoscaling
+        if cfg is None:
+            return
+        name = record.spec.name
+        now = self.clock()
+        state = record.scaling
+        reported = self.loads.for_model(name, now)
+        live = [r for r in self.replicas.of_deployment(name) if r.keep]
+        on_replicas = sum(r.running + r.waiting for r in live)
+        # Both count the same requests, seen from either end; the larger misses none.
+        ongoing = max(reported.ongoing, on_replicas)
+        ttft = reported.ttft_p95_s
+        if state.cold_start_began is not None or (
+            state.warm_since is not None and now - state.warm_since < self.loads.expires_after_s
+        ):
+            ttft = None  # held requests waited for a cold start, not for a slow replica
+        signals = Signals(
+            ongoing=ongoing,
+            current=record.target,
+            held=reported.held,
+            ttft_p95_s=ttft,
+            pending=record.pending,
+        )
+        decision = decide(cfg, signals, state.memory, now)
+        state.memory = decision.memory
+        state.decision = decision
+        state.ongoing = ongoing
+        state.held = reported.held
+        if decision.target != record.target:
+            log.info(
+                "autoscaling %s: %d -> %d replicas: %s",
+                name,
+                record.target,
+                decision.target,
+                decision.reason,
+            )
+            self._count_decision(name, decision.direction, decision.kind)
+            if record.target == 0:
+                state.cold_start_began = now
+            elif decision.target == 0:
+                state.cold_start_began = None
+            record.target = decision.target
+            state.changed_at = now
+        if state.cold_start_began is not None and any(r.state == RUNNING for r in live):
+            self.events.cold_starts.append((name, now - state.cold_start_began))
+            state.cold_start_began = None
+            state.warm_since = now
+
+    def _count_decision(self, name: str, direction: str, kind: str) -> None:
+        key = (name, direction, kind)
+        self.events.decisions[key] = self.events.decisions.get(key, 0) + 1
 
     def _stop(self, rec: ReplicaRecord, reason: str) -> None:
         log.info("stopping replica %s on %s: %s", rec.replica_id, rec.node_id, reason)
@@ -313,17 +429,32 @@ class DeploymentState:
                 and r.address
                 and self.node_manager.is_alive(r.node_id)
             ]
-            models.append(
-                pb.ModelRoutes(
-                    model=name,
-                    strategy=spec.routing,
-                    max_in_flight=spec.limits.max_in_flight,
-                    max_queue=spec.limits.max_queue,
-                    max_tokens=spec.limits.max_tokens,
-                    routes=routes,
-                )
+            model = pb.ModelRoutes(
+                model=name,
+                strategy=spec.routing,
+                max_in_flight=spec.limits.max_in_flight,
+                max_queue=spec.limits.max_queue,
+                max_tokens=spec.limits.max_tokens,
+                routes=routes,
             )
+            if spec.autoscaling is not None:
+                model.autoscaled = True
+                model.cold_start_timeout_s = spec.autoscaling.cold_start_timeout_s
+                if not routes:
+                    model.unavailable = self._unavailable(self.deployments[name])
+            models.append(model)
         return models
+
+    def _unavailable(self, record: DeploymentRecord) -> str:
+        """Why no replica of a deployment with none running will serve soon; empty if one may."""
+        if record.target == 0:
+            return ""
+        if record.pending:
+            return f"no room for a replica: {record.pending}"
+        for rec in sorted(self.replicas.of_deployment(record.spec.name), key=lambda r: r.created):
+            if rec.keep and rec.state == UNHEALTHY:
+                return f"replica {rec.replica_id} failed to start: {rec.message or 'unhealthy'}"
+        return ""
 
     def running_replicas(self, name: str) -> int:
         """Replicas of deployment `name` that are wanted and RUNNING."""

@@ -24,3 +24,30 @@ REPLICA_RESTARTS = Counter(
 TARGET_REPLICAS = Gauge(
     "mss_controller_deployment_target_replicas", "Desired replicas per deployment.", ["deployment"]
 )
+RUNNING_REPLICAS = Gauge(
+    "mss_controller_deployment_running_replicas",
+    "Replicas per deployment that are wanted and running (routed).",
+    ["deployment"],
+)
+AUTOSCALER_DECISIONS = Counter(
+    "mss_controller_autoscaler_decisions",
+    "Autoscaler decisions that changed a target (direction up|down), and holds for want of "
+    "room (direction hold, reason pending), by reason.",
+    ["deployment", "direction", "reason"],
+)
+AUTOSCALER_ONGOING = Gauge(
+    "mss_controller_autoscaler_ongoing_requests",
+    "Requests in flight, queued or held for an autoscaled deployment, as the autoscaler saw.",
+    ["deployment"],
+)
+AUTOSCALER_HELD = Gauge(
+    "mss_controller_autoscaler_held_requests",
+    "Requests gateways hold for an autoscaled deployment with no ready replica.",
+    ["deployment"],
+)
+COLD_START_SECONDS = Histogram(
+    "mss_controller_cold_start_seconds",
+    "From the decision to leave zero replicas to the first running replica.",
+    ["deployment"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)

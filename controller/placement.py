@@ -82,6 +82,23 @@ class Placement:
         log.info("placed replica %s of %s on node %s", rec.replica_id, spec.name, node_id)
         return rec
 
+    def shortage(self, spec: Deployment) -> str:
+        """Why no live node can take a replica of `spec`: what none has free enough of."""
+        nodes = self.nodes.alive()
+        if not nodes:
+            return "no node has registered"
+        need = spec.resources
+        free = [self.free_capacity(node) for node in nodes]
+        wants = [
+            (need.cpus, f"{need.cpus:g} CPUs", 0),
+            (need.memory_gib, f"{need.memory_gib:g} GiB", 1),
+            (need.gpus, f"{need.gpus} GPUs", 2),
+        ]
+        short = [text for amount, text, i in wants if all(f[i] + _EPS < amount for f in free)]
+        if not short:  # each resource is free somewhere, never all on one node
+            short = [text for amount, text, _ in wants if amount]
+        return f"no node with {', '.join(short)} free"
+
     def _log_unplaceable(self, spec: Deployment) -> None:
         if not self.nodes.alive():
             if _NO_NODES not in self._unplaceable:

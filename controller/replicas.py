@@ -23,12 +23,13 @@ from mss.replica_states import STARTING
 def spec_key(deployment: Deployment) -> str:
     """What a running replica depends on; a change means its replicas are replaced.
 
-    Routing, gateway admission limits and the replica count can change without
-    restarting anything.
+    Routing, gateway admission limits, the replica count and its autoscaling
+    can change without restarting anything.
     """
     return deployment.model_dump_json(
         exclude={
             "replicas": True,
+            "autoscaling": True,
             "routing": True,
             "limits": {"max_in_flight", "max_queue", "max_tokens"},
         }

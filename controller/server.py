@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from controller.control_loop import ControlLoop
-from controller.deployment_state import DeploymentState
+from controller.deployment_state import Autoscaled, DeploymentState
 from controller.route_publisher import RoutePublisher
 from controller.status import deployment_status, status_response
 from mss.config import ConfigError, parse_config
@@ -73,6 +73,15 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         finally:
             log.info("watcher %r left", request.watcher_id)
 
+    async def ReportLoad(
+        self, request: pb.ReportLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportLoadResponse:
+        self.state.report_load(request.gateway_id, list(request.models))
+        if any(m.held for m in request.models):
+            # A request held at zero replicas: start one now, not at the next tick.
+            self._reconcile_now()
+        return pb.ReportLoadResponse(expires_after_s=self.state.loads.expires_after_s)
+
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusResponse:
@@ -87,6 +96,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             )
         try:
             self.state.scale(request.deployment, request.replicas)
+        except Autoscaled as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except KeyError:
             known = ", ".join(sorted(self.state.deployments)) or "none"
             await context.abort(

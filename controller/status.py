@@ -6,6 +6,8 @@ The `mss status` and `mss scale` commands that ask for them are in
 
 from __future__ import annotations
 
+import time
+
 from controller.deployment_state import DeploymentState
 from controller.nodes import NodeRecord
 from protos import controller_pb2 as pb
@@ -13,7 +15,7 @@ from protos import controller_pb2 as pb
 
 def deployment_status(state: DeploymentState, name: str) -> pb.DeploymentStatus:
     record = state.deployments[name]
-    return pb.DeploymentStatus(
+    status = pb.DeploymentStatus(
         name=name,
         target_replicas=record.target,
         running_replicas=state.running_replicas(name),
@@ -21,6 +23,23 @@ def deployment_status(state: DeploymentState, name: str) -> pb.DeploymentStatus:
         model_source=record.spec.model,
         strategy=record.spec.routing,
     )
+    cfg = record.spec.autoscaling
+    if cfg is not None:
+        scaling = record.scaling
+        decision = scaling.decision
+        changed = scaling.changed_at
+        status.autoscaling.CopyFrom(
+            pb.AutoscalingStatus(
+                min_replicas=cfg.min_replicas,
+                max_replicas=cfg.max_replicas,
+                ongoing_requests=scaling.ongoing,
+                held_requests=scaling.held,
+                last_direction=decision.direction if decision else "",
+                last_reason=decision.reason if decision else "",
+                last_change_unix=time.time() - (state.clock() - changed) if changed else 0.0,
+            )
+        )
+    return status
 
 
 def status_response(state: DeploymentState, routing_version: int) -> pb.StatusResponse:

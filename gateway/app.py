@@ -228,38 +228,39 @@ def create_api(gateway: Gateway) -> FastAPI:
         data = []
         for name in sorted(gateway.table.models):
             router = gateway.table.models[name]
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": gateway.started,
-                    "owned_by": "mss",
-                    "root": name,
-                    "parent": None,
-                    "max_model_len": router.max_model_len(),
-                    "permission": [
-                        {
-                            "id": f"modelperm-{name}",
-                            "object": "model_permission",
-                            "created": gateway.started,
-                            "allow_create_engine": False,
-                            "allow_sampling": True,
-                            "allow_logprobs": True,
-                            "allow_search_indices": False,
-                            "allow_view": True,
-                            "allow_fine_tuning": False,
-                            "organization": "*",
-                            "group": None,
-                            "is_blocking": False,
-                        }
-                    ],
-                    "ready_replicas": sum(
-                        1 for s in router.candidates if s.healthy and not s.removed
-                    ),
-                    "max_tokens": router.max_tokens,
-                    "routing": router.strategy_name,
-                }
-            )
+            ready = sum(1 for s in router.candidates if s.healthy and not s.removed)
+            card: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": gateway.started,
+                "owned_by": "mss",
+                "root": name,
+                "parent": None,
+                "max_model_len": router.max_model_len(),
+                "permission": [
+                    {
+                        "id": f"modelperm-{name}",
+                        "object": "model_permission",
+                        "created": gateway.started,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+                "ready_replicas": ready,
+                "max_tokens": router.max_tokens,
+                "routing": router.strategy_name,
+            }
+            if router.autoscaled:  # requests are held while a replica starts
+                card["autoscaled"] = True
+                card["scaled_to_zero"] = ready == 0
+            data.append(card)
         return JSONResponse({"object": "list", "data": data})
 
     async def _json_body(request: Request) -> dict[str, Any]:
@@ -311,10 +312,11 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @app.get(
         "/ready",
-        summary="200 when some model has a ready replica, else 503",
+        summary="200 when some model has a ready replica or is autoscaled (starts one on "
+        "demand), else 503",
         responses={
             200: {"model": Readiness},
-            503: {"model": Readiness, "description": "No model has a ready replica."},
+            503: {"model": Readiness, "description": "No model can serve now."},
         },
     )
     async def ready() -> JSONResponse:

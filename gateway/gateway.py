@@ -7,7 +7,8 @@ in one place, `serve`, in one direction:
 1. read it (`gateway.request_reader`): API key, content type, body size, the
    route's parser;
 2. route it: the model's `ModelRouter` and the max_tokens bound;
-3. hand it to `GenerationService.run`, which admits it and streams it.
+3. hold it while an autoscaled model has no ready replica (`gateway.cold_start`);
+4. hand it to `GenerationService.run`, which admits it and streams it.
 
 Every refusal, from any step (or from the replicas before the first byte), is
 answered and counted in `serve`, and nowhere else.
@@ -31,6 +32,7 @@ from gateway import metrics
 from gateway.admission import ClientLimiter
 from gateway.api_keys import KeyStore
 from gateway.api_models import check_max_tokens
+from gateway.cold_start import ColdStarts, Hold, HoldAbandoned
 from gateway.errors import ApiError, quote, send_error
 from gateway.generation import GenerationRequest, GenerationService
 from gateway.rate_limits import KeyLimiter
@@ -91,9 +93,10 @@ def rejection_reason(exc: ApiError) -> str | None:
     429, whether the gateway or a replica found it), no or a wrong API key
     (`auth`), a client or key over its limit (`rate`), a model or all its replicas
     busy (`capacity`: 503). A model with no ready replica and the other 5xx
-    (a replica failing or timing out, an internal error) are outages instead.
+    (a replica failing or timing out, an internal error) are outages instead, as is
+    a cold start that outlasts its timeout.
     """
-    if exc.code == "no_replica":
+    if exc.code in ("no_replica", "cold_start_timeout"):
         return None
     reason = REJECTION_REASONS.get(exc.status)
     if reason is None and exc.status < 500:
@@ -120,6 +123,7 @@ class Gateway:
             slow_client_timeout_s=self.settings.slow_client_timeout_s,
             limiter=ClientLimiter(self.settings.max_in_flight_per_client),
         )
+        self.cold_starts = ColdStarts(self.table, self.settings.hold_keepalive_s)
         self.keys = KeyStore(self.settings)
         self.started = int(time.time())
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,10 +135,20 @@ class Gateway:
         if self.keys.path is not None:
             tasks.append(asyncio.create_task(self.keys.watch(), name="keys-file-watch"))
         if self.options.controller:
+            from gateway.load_reporter import LoadReporter
             from gateway.route_watcher import RouteWatcher
 
             watcher = RouteWatcher(self.options.controller, self.table.apply, self.creds)
             tasks.append(asyncio.create_task(watcher.run(), name="route-watcher"))
+            reporter = LoadReporter(
+                self.options.controller,
+                self.table,
+                self.cold_starts.held,
+                self.creds,
+                self.settings.load_report_interval_s,
+            )
+            self.cold_starts.on_held = reporter.nudge
+            tasks.append(asyncio.create_task(reporter.run(), name="load-reporter"))
             log.info("watching routes from the controller at %s", self.options.controller)
         else:
             table = static_table(self.options.replicas, self.options.config, self.options.routing)
@@ -191,6 +205,7 @@ class Gateway:
         http = Request(scope, receive)
         label = ""  # the model, once the table knows it: a metric label, so labels stay few
         generating = False
+        hold: Hold | None = None
         try:
             key = self.check_auth(http)
             body, is_json = await read_body(
@@ -213,17 +228,27 @@ class Gateway:
                 key=key,
             )
             generating = True
+            if self.cold_starts.needs_hold(router):  # autoscaled, and no replica ready yet
+                fmt = request.fmt if inp.stream else None
+                hold = self.cold_starts.enter(router, send, fmt, rid)
+                await hold.wait(receive)
+                send = hold.send
             status = await self.generation.run(scope, receive, send, router, request)
         except ClientDisconnect:
             status = 499  # gone before its whole body: nothing to answer, nothing went wrong
             path = quote(repr(scope["path"]))
             log.info("client left before sending its whole request to %s", path)
+        except HoldAbandoned:
+            status = 499
         except ApiError as exc:
             status = exc.status
             reason = rejection_reason(exc)
             if reason is not None:
                 metrics.REJECTIONS.labels(label, reason).inc()
-            await send_error(send, exc, (b"x-request-id", rid.encode()))
+            if hold is not None and hold.opened:  # the stream's 200 went out while held
+                await hold.fail(exc)
+            else:
+                await send_error(send, exc, (b"x-request-id", rid.encode()))
         except Exception:
             if generating:  # bytes may have gone out: the server ends the response
                 raise
@@ -231,6 +256,9 @@ class Gateway:
             status = 500
             err = ApiError(status, "internal error; see the gateway log", code="internal")
             await send_error(send, err, (b"x-request-id", rid.encode()))
+        finally:
+            if hold is not None:
+                hold.done()
         metrics.count_request(label, route, status)
         log.debug("%s %s answered %d", route, label, status)
 

@@ -75,6 +75,18 @@ QUEUED = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+HELD = Gauge(
+    "mss_gateway_held",
+    "Requests held while their autoscaled model has no ready replica.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+HOLD_SECONDS = Histogram(
+    "mss_gateway_hold_seconds",
+    "Time a request was held for a replica to start (until let go, refused or abandoned).",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
 PROMPT_TOKENS = Counter(
     "mss_gateway_prompt_tokens", "Prompt tokens of finished requests.", ["model"]
 )

@@ -47,6 +47,11 @@ class ModelRouter:
         self.candidates: list[ReplicaStats] = []
         self.metrics = metrics.for_model(name)
         self._decisions: dict[str, Counter] = {}
+        self.autoscaled = False
+        """The controller starts replicas on demand: with none ready, requests are held."""
+        self.cold_start_timeout_s = 0.0
+        self.unavailable = ""
+        """The controller's reason no replica will serve soon (empty: one may)."""
 
     def set_clients(self, clients: dict[str, ReplicaClient]) -> None:
         self.clients = clients
@@ -105,8 +110,8 @@ class RoutingTable:
         self._closing: set[asyncio.Task[None]] = set()
 
     def ready(self) -> bool:
-        """True once some model has a replica in rotation."""
-        return any(m.ready() for m in self.models.values())
+        """True once some model has a replica in rotation or can start one on demand."""
+        return any(m.ready() or m.autoscaled for m in self.models.values())
 
     def get(self, model: str) -> ModelRouter | None:
         return self.models.get(model)
@@ -155,6 +160,9 @@ class RoutingTable:
         max_queue = math.ceil((routes.max_queue or defaults.max_queue) / self.workers)
         router.admission.resize(max_in_flight, max_queue)
         router.max_tokens = routes.max_tokens or defaults.max_tokens
+        router.autoscaled = routes.autoscaled
+        router.cold_start_timeout_s = routes.cold_start_timeout_s
+        router.unavailable = routes.unavailable
 
         old = router.clients
         new: dict[str, ReplicaClient] = {}

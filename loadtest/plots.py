@@ -52,10 +52,10 @@ def _number(text: str) -> float | None:
         return None
 
 
-def read_history(path: Path) -> dict[str, Series]:
-    """Entry type (`TTFT`, `ITL`, `SSE`...) -> percentiles in ms per second, from the start."""
+def read_history(path: Path, start: float | None = None) -> dict[str, Series]:
+    """Entry type (`TTFT`, `ITL`, `SSE`...) -> percentiles in ms per second, from `start`
+    (Unix time; default the first row)."""
     out: dict[str, Series] = {}
-    start: float | None = None
     with path.open() as f:
         for row in csv.DictReader(f):
             kind = row["Type"]

@@ -124,13 +124,14 @@ class System:
         self.log_path = out / "system.log"
         if args.config:
             config_path = Path(args.config)
-            self.port = free_port()
-            extra = ["--port", str(self.port), "--controller-port", str(free_port())]
+            self.port, self.controller_port = free_port(), free_port()
+            extra = ["--port", str(self.port), "--controller-port", str(self.controller_port)]
         else:
             config = system_config(args)
             config_path = out / "system.yaml"
             config_path.write_text(yaml.safe_dump(config))
             self.port = config["gateway"]["port"]  # type: ignore[index]
+            self.controller_port = config["controller"]["port"]  # type: ignore[index]
             extra = []
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)

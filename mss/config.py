@@ -57,6 +57,8 @@ class EngineArgs(StrictModel):
     """Fake engine only: delay between tokens."""
     load_delay_s: float = Field(0.0, ge=0, le=600)
     """Fake engine only: simulated model load time."""
+    load_error: str | None = Field(None, max_length=200)
+    """Fake engine only: fail the model load with this message (a replica that cannot start)."""
 
 
 class Resources(StrictModel):
@@ -80,6 +82,55 @@ class Limits(StrictModel):
     """Requests one replica admits at once; past it, RESOURCE_EXHAUSTED."""
 
 
+class Autoscaling(StrictModel):
+    """Replicas that follow the load (`controller/autoscaler.py` decides).
+
+    Names and meanings follow Ray Serve's `AutoscalingConfig`; the README says
+    where the defaults differ and why.
+    """
+
+    min_replicas: int = Field(1, ge=0, le=1024)
+    """Never fewer. 0 allows scale to zero: the model stays listed, and the next request
+    is held by the gateway while a replica starts."""
+    max_replicas: int = Field(ge=1, le=1024)
+    """Never more. Required: each replica is a whole copy of the model."""
+    target_ongoing_requests: float = Field(8.0, gt=0, le=1_000_000)
+    """Requests per replica the autoscaler aims at: running plus waiting on the replicas,
+    in flight, queued or held at the gateways."""
+    upscale_delay_s: float = Field(30.0, ge=0, le=3600)
+    """How long the load must ask for more replicas before they are added (not from zero:
+    a request held at zero starts a replica at once)."""
+    downscale_delay_s: float = Field(600.0, ge=0, le=86_400)
+    """How long the load must ask for fewer replicas before they drain and stop."""
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, le=86_400)
+    """With `min_replicas: 0`: how long without any request before the last replica stops;
+    default `downscale_delay_s`."""
+    ttft_slo_ms: float | None = Field(None, gt=0, le=3_600_000)
+    """Time-to-first-token objective: while the gateways' recent p95 is above it (and requests
+    flow), one more replica is wanted even if the request count is under target."""
+    cold_start_timeout_s: float = Field(120.0, gt=0, le=3600)
+    """How long a gateway holds a request while no replica is ready; past it, 503 with
+    Retry-After."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}"
+            )
+        return self
+
+    @property
+    def to_zero_delay_s(self) -> float:
+        """`downscale_to_zero_delay_s`, or `downscale_delay_s` when not given."""
+        if self.downscale_to_zero_delay_s is None:
+            return self.downscale_delay_s
+        return self.downscale_to_zero_delay_s
+
+    def clamp(self, replicas: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, replicas))
+
+
 class Deployment(StrictModel):
     """One model served by a set of identical replicas."""
 
@@ -91,6 +142,9 @@ class Deployment(StrictModel):
     """`vllm` runs the real engine; `fake` streams deterministic text for tests."""
     engine_args: EngineArgs = Field(default_factory=EngineArgs)
     replicas: int = Field(1, ge=0, le=1024)
+    """Replicas to run; with `autoscaling`, the count to start with (default `min_replicas`)."""
+    autoscaling: Autoscaling | None = None
+    """When given, the replica count follows the load within its bounds."""
     resources: Resources = Field(default_factory=Resources)
     routing: str = DEFAULT_STRATEGY
     """How gateways choose among the replicas: a name from `gateway.routing.STRATEGIES`
@@ -105,6 +159,20 @@ class Deployment(StrictModel):
                 f"routing strategy {value!r} is unknown; expected one of {', '.join(STRATEGIES)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _initial_within_bounds(self) -> Deployment:
+        scaling = self.autoscaling
+        if scaling is None:
+            return self
+        if "replicas" not in self.model_fields_set:
+            self.replicas = scaling.min_replicas
+        elif scaling.clamp(self.replicas) != self.replicas:
+            raise ValueError(
+                f"replicas {self.replicas} is outside the autoscaling bounds "
+                f"{scaling.min_replicas}..{scaling.max_replicas}"
+            )
+        return self
 
     @field_validator("model")
     @classmethod
@@ -210,6 +278,13 @@ class GatewaySettings(StrictModel):
     client_send_buffer_bytes: int = Field(262_144, ge=0, le=64 * 1024 * 1024)
     """Kernel send buffer of each client socket (0: the kernel's autotuning, up to megabytes),
     so a client that stops reading blocks its stream soon and is dropped after the timeout."""
+    hold_keepalive_s: float = Field(5.0, gt=0, le=300)
+    """A streaming request held while its autoscaled model starts a replica gets its 200 and an
+    SSE comment line after this long, then every this long (proxies keep the connection). A
+    hold that fails sooner is a plain 503 with Retry-After; later, an error event."""
+    load_report_interval_s: float = Field(1.0, gt=0, le=60)
+    """How often each gateway process reports its per-model load to the controller (the
+    autoscaler's signal); a request held at zero replicas is reported at once."""
     api_keys: ApiKeys = Field(default_factory=list)
     """Keys accepted as `Authorization: Bearer <key>`, stored hashed, each with optional limits.
     With any key here or an `api_keys_file`, every API request needs a key (else 401)."""

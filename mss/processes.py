@@ -11,6 +11,7 @@ must be spawned from the event loop's thread, never from a worker thread.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import sys
@@ -40,3 +41,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+EXIT_REASON_ENV = "MSS_EXIT_REASON_FILE"
+"""Names the file in which a child says in one line why it exits (its supervisor reads it)."""
+
+
+def write_exit_reason(reason: str) -> None:
+    """Leave `reason` where this process's supervisor looks (when it gave a place)."""
+    path = os.environ.get(EXIT_REASON_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(reason.replace("\n", " ")[:300])
+    except OSError:
+        pass  # the reason is in the log anyway
+
+
+def read_exit_reason(path: str) -> str:
+    """What a child left with `write_exit_reason`; empty when nothing (or unreadable)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -49,6 +49,7 @@ CONTROLLER_RULES = rules(
         "/mss.controller.Controller/RegisterNode": ["scheduler"],
         "/mss.controller.Controller/Heartbeat": ["scheduler"],
         "/mss.controller.Controller/WatchRoutes": ["gateway", "admin"],
+        "/mss.controller.Controller/ReportLoad": ["gateway"],
         "/mss.controller.Controller/Status": ["admin"],
         "/mss.controller.Controller/Scale": ["admin"],
         "/mss.controller.Controller/ApplyConfig": ["admin"],

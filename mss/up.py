@@ -258,6 +258,9 @@ class Up:
     async def _wait_ready(self) -> int:
         names = [d.name for d in self.config.deployments if d.replicas > 0]
         say(f"starting {', '.join(names) or 'no models'}; waiting for replicas to be ready")
+        at_zero = [d.name for d in self.config.deployments if d.replicas == 0 and d.autoscaling]
+        if at_zero:
+            say(f"{', '.join(at_zero)}: autoscaled, no replica until the first request")
         if any(d.engine == "vllm" for d in self.config.deployments):
             say("the bundled model's first start converts it and loads the engine (~40 s)")
         started = time.monotonic()

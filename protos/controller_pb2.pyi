@@ -129,20 +129,26 @@ class Route(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ModelRoutes(_message.Message):
-    __slots__ = ("model", "strategy", "max_in_flight", "max_queue", "max_tokens", "routes")
+    __slots__ = ("model", "strategy", "max_in_flight", "max_queue", "max_tokens", "routes", "autoscaled", "cold_start_timeout_s", "unavailable")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALED_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     strategy: str
     max_in_flight: int
     max_queue: int
     max_tokens: int
     routes: _containers.RepeatedCompositeFieldContainer[Route]
-    def __init__(self, model: _Optional[str] = ..., strategy: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_tokens: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+    autoscaled: bool
+    cold_start_timeout_s: float
+    unavailable: str
+    def __init__(self, model: _Optional[str] = ..., strategy: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_tokens: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., autoscaled: _Optional[bool] = ..., cold_start_timeout_s: _Optional[float] = ..., unavailable: _Optional[str] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
     __slots__ = ("version", "models")
@@ -160,21 +166,41 @@ class WatchRoutesRequest(_message.Message):
     watcher_id: str
     def __init__(self, known_version: _Optional[int] = ..., watcher_id: _Optional[str] = ...) -> None: ...
 
+class AutoscalingStatus(_message.Message):
+    __slots__ = ("min_replicas", "max_replicas", "ongoing_requests", "held_requests", "last_direction", "last_reason", "last_change_unix")
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ONGOING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    min_replicas: int
+    max_replicas: int
+    ongoing_requests: float
+    held_requests: int
+    last_direction: str
+    last_reason: str
+    last_change_unix: float
+    def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., ongoing_requests: _Optional[float] = ..., held_requests: _Optional[int] = ..., last_direction: _Optional[str] = ..., last_reason: _Optional[str] = ..., last_change_unix: _Optional[float] = ...) -> None: ...
+
 class DeploymentStatus(_message.Message):
-    __slots__ = ("name", "target_replicas", "running_replicas", "engine", "model_source", "strategy")
+    __slots__ = ("name", "target_replicas", "running_replicas", "engine", "model_source", "strategy", "autoscaling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     target_replicas: int
     running_replicas: int
     engine: str
     model_source: str
     strategy: str
-    def __init__(self, name: _Optional[str] = ..., target_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., engine: _Optional[str] = ..., model_source: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
+    autoscaling: AutoscalingStatus
+    def __init__(self, name: _Optional[str] = ..., target_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., engine: _Optional[str] = ..., model_source: _Optional[str] = ..., strategy: _Optional[str] = ..., autoscaling: _Optional[_Union[AutoscalingStatus, _Mapping]] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node", "alive", "last_heartbeat_unix")
@@ -225,6 +251,36 @@ class ScaleResponse(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     deployment: DeploymentStatus
     def __init__(self, deployment: _Optional[_Union[DeploymentStatus, _Mapping]] = ...) -> None: ...
+
+class ModelLoad(_message.Message):
+    __slots__ = ("model", "in_flight", "queued", "held", "ttft_p95_s", "ttft_samples")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P95_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    in_flight: int
+    queued: int
+    held: int
+    ttft_p95_s: float
+    ttft_samples: int
+    def __init__(self, model: _Optional[str] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., held: _Optional[int] = ..., ttft_p95_s: _Optional[float] = ..., ttft_samples: _Optional[int] = ...) -> None: ...
+
+class ReportLoadRequest(_message.Message):
+    __slots__ = ("gateway_id", "models")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelLoad]
+    def __init__(self, gateway_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ...) -> None: ...
+
+class ReportLoadResponse(_message.Message):
+    __slots__ = ("expires_after_s",)
+    EXPIRES_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    expires_after_s: float
+    def __init__(self, expires_after_s: _Optional[float] = ...) -> None: ...
 
 class ApplyConfigRequest(_message.Message):
     __slots__ = ("config_text",)

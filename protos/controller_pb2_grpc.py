@@ -49,6 +49,11 @@ class ControllerStub:
                 request_serializer=protos_dot_controller__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=protos_dot_controller__pb2.RoutingTable.FromString,
                 _registered_method=True)
+        self.ReportLoad = channel.unary_unary(
+                '/mss.controller.Controller/ReportLoad',
+                request_serializer=protos_dot_controller__pb2.ReportLoadRequest.SerializeToString,
+                response_deserializer=protos_dot_controller__pb2.ReportLoadResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/mss.controller.Controller/Status',
                 request_serializer=protos_dot_controller__pb2.StatusRequest.SerializeToString,
@@ -83,6 +88,14 @@ class ControllerServicer:
 
     def WatchRoutes(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLoad(self, request, context):
+        """Gateways report the load they hold, about once a second (at once when a
+        request is held at zero replicas); it drives the autoscaler.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -122,6 +135,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=protos_dot_controller__pb2.WatchRoutesRequest.FromString,
                     response_serializer=protos_dot_controller__pb2.RoutingTable.SerializeToString,
+            ),
+            'ReportLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=protos_dot_controller__pb2.ReportLoadRequest.FromString,
+                    response_serializer=protos_dot_controller__pb2.ReportLoadResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -220,6 +238,33 @@ class Controller:
             '/mss.controller.Controller/WatchRoutes',
             protos_dot_controller__pb2.WatchRoutesRequest.SerializeToString,
             protos_dot_controller__pb2.RoutingTable.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mss.controller.Controller/ReportLoad',
+            protos_dot_controller__pb2.ReportLoadRequest.SerializeToString,
+            protos_dot_controller__pb2.ReportLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,8 @@ class FakeEngine(Engine):
         delay = self.deployment.engine_args.load_delay_s
         if delay:
             await asyncio.sleep(delay)
+        if self.deployment.engine_args.load_error:
+            raise RuntimeError(self.deployment.engine_args.load_error)
         self._clock = asyncio.create_task(self._tick_loop(), name="fake-engine-clock")
 
     # ----- tokenizer ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from mss.config import (
     format_validation_error,
 )
 from mss.logs import setup_logging
+from mss.processes import write_exit_reason
 from mss.rpc import SERVER_OPTIONS
 from mss.rpc_auth import REPLICA_RULES, AuthInterceptor, add_port
 from protos import replica_pb2_grpc
@@ -173,8 +174,10 @@ async def serve(
         exc = loading.exception()
         if isinstance(exc, ModelError):
             log.error("cannot load model: %s", exc)
+            write_exit_reason(f"cannot load model: {exc}")
         else:
             log.error("engine failed to start: %r", exc, exc_info=exc)
+            write_exit_reason(f"engine failed to start: {exc!r}")
         code = 1
     else:
         loading.cancel()

@@ -12,16 +12,19 @@ loop's thread, never a worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import grpc
 
 from mss import rpc_auth
-from mss.processes import die_with_parent, port_is_free
+from mss.processes import EXIT_REASON_ENV, die_with_parent, port_is_free, read_exit_reason
 from mss.rpc import UNARY_CHANNEL_OPTIONS
 from mss.security import Credentials
 from protos import replica_pb2, replica_pb2_grpc
@@ -33,8 +36,9 @@ log = logging.getLogger(__name__)
 class ReplicaProcess:
     """A replica child; `kill` takes its whole process group (engine workers too)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], reason_path: str) -> None:
         self._popen = popen
+        self._reason_path = reason_path
 
     @property
     def pid(self) -> int:
@@ -42,6 +46,9 @@ class ReplicaProcess:
 
     def poll(self) -> int | None:
         return self._popen.poll()
+
+    def exit_reason(self) -> str:
+        return read_exit_reason(self._reason_path)
 
     def terminate(self) -> None:
         if self._popen.poll() is None:
@@ -75,6 +82,8 @@ class ProcessLauncher:
         self.extra_env = extra_env or {}
         self._channels: dict[str, tuple[int, grpc.aio.Channel]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._reasons = tempfile.mkdtemp(prefix="mss-replica-exits-")
+        """Where each replica may say why it exited (`mss.processes.write_exit_reason`)."""
 
     def command(self, spec: LaunchSpec) -> list[str]:
         return [
@@ -106,6 +115,10 @@ class ProcessLauncher:
         env = dict(os.environ)
         env.update(self.extra_env)
         env["MSS_REPLICA_ID"] = spec.replica_id
+        reason_path = os.path.join(self._reasons, f"{spec.replica_id}.exit")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(reason_path)  # a previous run's
+        env[EXIT_REASON_ENV] = reason_path
         if spec.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_ids)
         popen = subprocess.Popen(
@@ -115,7 +128,7 @@ class ProcessLauncher:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        return ReplicaProcess(popen)
+        return ReplicaProcess(popen, reason_path)
 
     def free_port(self, kind: str, taken: set[int]) -> int:
         for port in self.ports[kind]:
@@ -162,3 +175,4 @@ class ProcessLauncher:
         for _, channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        shutil.rmtree(self._reasons, ignore_errors=True)

@@ -63,6 +63,9 @@ class ProcessHandle(Protocol):
     def poll(self) -> int | None:
         """Exit code once the process has ended, else None."""
 
+    def exit_reason(self) -> str:
+        """Why the process said it exited (one line), or empty when it said nothing."""
+
     def terminate(self) -> None:
         """Ask the replica to drain and exit (SIGTERM)."""
 
@@ -264,7 +267,8 @@ class Supervisor:
             return False
         code = rep.proc.poll()
         if code is not None:
-            self._crashed(rep, now, f"exited with code {code}")
+            reason = rep.proc.exit_reason()
+            self._crashed(rep, now, f"exited with code {code}" + (f" ({reason})" if reason else ""))
             return False
         if rep.state == STARTING and now - rep.started_at > self.settings.start_timeout_s:
             rep.proc.kill()

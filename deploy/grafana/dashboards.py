@@ -331,6 +331,10 @@ def replicas() -> dict[str, Any]:
     )
 
 
+TARGET_BY_DEPLOYMENT = "sum by (deployment) (mss_controller_deployment_target_replicas)"
+RUNNING_BY_DEPLOYMENT = "sum by (deployment) (mss_controller_deployment_running_replicas)"
+
+
 def control_plane() -> dict[str, Any]:
     panels = [
         Panel(
@@ -339,8 +343,11 @@ def control_plane() -> dict[str, Any]:
             stack=True,
         ),
         Panel(
-            "Target replicas",
-            [("{{deployment}}", "sum by (deployment) (mss_controller_deployment_target_replicas)")],
+            "Target and running replicas",
+            [
+                ("{{deployment}} target", TARGET_BY_DEPLOYMENT),
+                ("{{deployment}} running", RUNNING_BY_DEPLOYMENT),
+            ],
         ),
         Panel(
             "Live nodes", [("nodes", "mss_controller_nodes_alive")], kind="stat", width=6, height=6
@@ -378,6 +385,48 @@ def control_plane() -> dict[str, Any]:
             ],
         ),
         Panel(
+            "Replicas against load",
+            [
+                ("{{deployment}} running", RUNNING_BY_DEPLOYMENT),
+                ("{{deployment}} target", TARGET_BY_DEPLOYMENT),
+                (
+                    "{{deployment}} ongoing requests",
+                    "sum by (deployment) (mss_controller_autoscaler_ongoing_requests)",
+                ),
+                (
+                    "{{deployment}} held requests",
+                    "sum by (deployment) (mss_controller_autoscaler_held_requests)",
+                ),
+            ],
+            width=24,
+            description="Replicas the autoscaler wants (target) and has running, against the "
+            "requests in flight, queued or held for the deployment (held: no replica ready).",
+        ),
+        Panel(
+            "Autoscaler decisions (1h)",
+            [
+                (
+                    "{{deployment}} {{direction}} {{reason}}",
+                    "sum by (deployment, direction, reason) "
+                    "(increase(mss_controller_autoscaler_decisions_total[1h]))",
+                ),
+            ],
+            description="Target changes by direction and reason; hold/pending: a wanted "
+            "replica had no node with room.",
+        ),
+        Panel(
+            "Cold start (from zero to a running replica, 1h)",
+            [
+                (
+                    f"p{q}",
+                    f"histogram_quantile(0.{q}, sum by (le) "
+                    "(increase(mss_controller_cold_start_seconds_bucket[1h])))",
+                )
+                for q in ("50", "95")
+            ],
+            unit="s",
+        ),
+        Panel(
             "Replicas per node by state",
             [("{{node}} {{state}}", "sum by (node, state) (mss_scheduler_replicas)")],
             stack=True,
@@ -391,7 +440,8 @@ def control_plane() -> dict[str, Any]:
     return dashboard(
         "mss-control-plane",
         "MSS / Control plane",
-        "Controller and schedulers: replicas by state, nodes, table versions, reconcile time.",
+        "Controller and schedulers: replicas by state, autoscaling, nodes, table versions, "
+        "reconcile time.",
         panels,
         None,
     )

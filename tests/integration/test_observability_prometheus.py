@@ -115,6 +115,12 @@ def running_system(tmp_path: Path) -> Iterator[System]:
                 "engine_args": {"token_interval_ms": 20},
                 "limits": {"max_in_flight": 2, "max_queue": 1, "max_tokens": 64},
             },
+            {  # at zero until the load's first request to it: a cold start
+                **fake,
+                "name": "echo-auto",
+                "engine_args": {"token_interval_ms": 5},
+                "autoscaling": {"min_replicas": 0, "max_replicas": 1},
+            },
         ],
         "controller": {
             "port": controller_port,
@@ -293,6 +299,11 @@ async def run_load(gateway: str, seconds: float, report: LoadReport) -> None:
             report.codes[code] += 1
             report.streams_done += 1
 
+    async def cold_start(client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(4.0)  # Prometheus has scraped its empty cold-start histogram by then
+        body = {"messages": [{"role": "user", "content": "wake up"}], "max_tokens": 4}
+        report.codes[await _stream(client, f"{base}/v1/chat/echo-auto", body, False)] += 1
+
     async def burst(client: httpx.AsyncClient) -> None:
         # echo-small admits 2 and queues 1 per gateway worker: the rest are 503 capacity.
         while time.monotonic() < deadline - 2:
@@ -305,7 +316,9 @@ async def run_load(gateway: str, seconds: float, report: LoadReport) -> None:
 
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        await asyncio.gather(*(user(n, client) for n in range(8)), burst(client))
+        await asyncio.gather(
+            *(user(n, client) for n in range(8)), burst(client), cold_start(client)
+        )
 
 
 def panel_queries() -> list[tuple[str, str, str]]:
@@ -362,7 +375,8 @@ def test_every_dashboard_query_returns_data_from_real_prometheus(
         started = time.monotonic()
         load.start()
         try:
-            # Discovery: the controller hands Prometheus one scheduler and three replicas.
+            # Discovery: the controller hands Prometheus one scheduler and four replicas
+            # (echo-auto's after its cold start).
             targets: dict[str, list[dict[str, Any]]] = {}
             while time.monotonic() - started < QUERY_AFTER_S:
                 reply = httpx.get(f"{prom}/api/v1/targets", timeout=5).json()
@@ -375,12 +389,12 @@ def test_every_dashboard_query_returns_data_from_real_prometheus(
                 "mss-gateway": ["up"],
                 "mss-controller": ["up"],
                 "mss-scheduler": ["up"],
-                "mss-replica": ["up", "up", "up"],
+                "mss-replica": ["up", "up", "up", "up"],
             }, json.dumps(targets, indent=1)[:4000]
             replica_labels = sorted(
                 (t["labels"]["deployment"], t["labels"]["node"]) for t in targets["mss-replica"]
             )
-            assert [d for d, _ in replica_labels] == ["echo", "echo", "echo-small"]
+            assert [d for d, _ in replica_labels] == ["echo", "echo", "echo-auto", "echo-small"]
 
             # While the load runs: every panel has data.
             failures = check_panels(prom)

@@ -56,3 +56,29 @@ def test_render_names_states_and_marks_leaving_replicas() -> None:
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("echo-")}
     assert " running " in lines["echo-1"]
     assert "stopping (leaving)" in lines["echo-2"]
+
+
+def test_render_shows_the_autoscaler_and_scaled_to_zero() -> None:
+    status = pb.StatusResponse(
+        deployments=[
+            pb.DeploymentStatus(
+                name="echo",
+                target_replicas=0,
+                running_replicas=0,
+                engine="fake",
+                autoscaling=pb.AutoscalingStatus(
+                    min_replicas=0,
+                    max_replicas=4,
+                    last_direction="hold",
+                    last_reason="scaled to zero; no request",
+                    last_change_unix=40.0,
+                ),
+            ),
+            pb.DeploymentStatus(name="fixed", target_replicas=2, running_replicas=2),
+        ]
+    )
+    text = render(status, now=100.0)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "0/0" in rows["echo"] and "0..4, 0 ongoing, scaled to zero" in rows["echo"]
+    assert rows["fixed"].split()[1:3] == ["2/2", "-"]
+    assert "echo: hold: scaled to zero; no request; target last changed 60s ago" in text

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
+import pytest
 
 from mss.config import Deployment
+from mss.processes import EXIT_REASON_ENV, read_exit_reason, write_exit_reason
 from mss.security import Credentials
 from protos import controller_pb2 as pb
 from scheduler.agent import NodeAgent
@@ -28,9 +31,13 @@ class FakeProcess:
         self.pid = pid
         self.code: int | None = None
         self.signals: list[str] = []
+        self.reason = ""
 
     def poll(self) -> int | None:
         return self.code
+
+    def exit_reason(self) -> str:
+        return self.reason
 
     def terminate(self) -> None:
         self.signals.append("TERM")
@@ -133,6 +140,30 @@ async def test_crash_restarts_with_exponential_backoff() -> None:
         assert state_of(sup, "r1") == pb.RUNNING
     assert waits == [1.0, 2.0, 4.0, 4.0]  # doubles, capped
     assert sup.restart_events == {"echo": 4}
+
+
+async def test_a_replica_that_cannot_start_reports_why() -> None:
+    sup, launcher, _, _ = make()
+    sup.ensure("r1", spec_json(), 5.0)
+    await sup.update()
+    launcher.proc("r1").code = 1
+    launcher.proc("r1").reason = "cannot load model: no config.json"
+    await sup.update()
+    status = sup.statuses()[0]
+    assert status.state == pb.UNHEALTHY
+    assert status.message.startswith(
+        "exited with code 1 (cannot load model: no config.json); restart 1 in 1.0 s"
+    )
+
+
+def test_exit_reason_travels_through_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "r1.exit"
+    assert read_exit_reason(str(path)) == ""
+    monkeypatch.setenv(EXIT_REASON_ENV, str(path))
+    write_exit_reason("engine failed to start:\nRuntimeError('x')")
+    assert read_exit_reason(str(path)) == "engine failed to start: RuntimeError('x')"
 
 
 async def test_running_replica_failing_health_turns_unhealthy_then_recovers() -> None:
