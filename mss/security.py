@@ -107,16 +107,27 @@ def default_token_file() -> Path:
 
 
 def read_or_create_token(path: Path) -> str:
-    """The token in `path`; a new random one written there (mode 0600) when it does not exist."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    """The token in `path`; a new random one written there (mode 0600) when it does not exist.
+
+    The new file appears whole or not at all (written aside, then linked into
+    place), so processes starting together agree on one token and none reads
+    a half-written file.
+    """
+    if path.exists():
         return read_token(path)
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    aside = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token + "\n")
+        os.link(aside, path)
+    except FileExistsError:
+        return read_token(path)  # another process made it first
     except OSError as exc:
         raise SecurityError(f"cannot create the cluster token {path}: {exc.strerror}") from exc
-    token = secrets.token_urlsafe(TOKEN_BYTES)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
+    finally:
+        aside.unlink(missing_ok=True)
     log.info("created a cluster token in %s; copy it to every machine of this cluster", path)
     return token
 
