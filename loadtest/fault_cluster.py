@@ -22,6 +22,7 @@ What `loadtest.fault_run` (the per-phase table) and the fault tests share:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import signal
@@ -536,11 +537,12 @@ class Load:
 
 
 def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
+    """Nearest-rank percentile: the smallest value with at least p % of them at or below
+    it; None for no values."""
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def summarize(phase: str, records: list[Record], extra: dict[str, object]) -> dict[str, object]:
