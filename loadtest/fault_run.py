@@ -151,17 +151,21 @@ class FaultRun:
         status = await self.cluster.status()
         old = {r.status.replica_id for r in self.cluster.running(status) if r.node_id == "n1"}
         cut = NODE_HOSTS[0]
+        healed = False
         self.cluster.hosts.cut(cut)
 
-        def replaced(s: pb.StatusResponse) -> bool:
+        def recovered(s: pb.StatusResponse) -> bool:
+            # Replaced on the other node; or, after a partition shorter than the
+            # dead-node window and a start, running again where they were.
             running = {r.status.replica_id for r in self.cluster.running(s)}
-            return self.cluster.full(s) and not running & old
+            return self.cluster.full(s) and (healed or not running & old)
 
         try:
-            waiting = asyncio.create_task(self._until("n1's replicas replaced", replaced))
+            waiting = asyncio.create_task(self._until("n1's replicas replaced", recovered))
             await asyncio.sleep(self.partition_s)
         finally:
             self.cluster.hosts.heal(cut)
+            healed = True
         recovery = await waiting  # timed from the cut: the task started with it
         await self.cluster.wait_for(
             "n1 back", lambda s: any(n.node.node_id == "n1" and n.alive for n in s.nodes), 30
