@@ -27,11 +27,14 @@ KEEPALIVE_TIMEOUT_MS = 500
 has not answered within another half second: a replica or controller
 whose host is cut off is noticed in about a second, even while a stream waits for its
 next message, and a gateway's streams on it move to another replica. Measured with
-`python -m loadtest.fault_run` (a node's link cut under 16 streaming clients, fake
-engine): the longest pause of a moved stream was 2.0-2.1 s with 1 s / 1 s and 0.9 s
-with 0.5 s / 0.5 s. Pings are answered by gRPC's own threads, so a busy peer still
-answers; a peer whose machine is too loaded to answer in half a second has its streams
-moved, which costs a pause but loses nothing. A ping is a few dozen bytes."""
+`python -m loadtest.fault_run` (a node's link cut under 16-24 streaming clients, fake
+engine, a shared 2-core machine): the longest pause of a moved stream was 2.0-2.1 s
+with 1 s / 1 s, 0.9-1.4 s with 0.5 s / 0.5 s, and 0.5-0.9 s with 0.25 s / 0.25 s.
+Pings are answered by gRPC's own threads, so a busy peer still answers; but a peer
+whose machine stalls longer than the timeout, or a network hiccup as long, drops the
+connection (gRPC also sets TCP_USER_TIMEOUT to it), and its streams move and its
+replica leaves the rotation until a probe succeeds. Half a second keeps that rare on
+a loaded machine; a quarter would not. A ping is a few dozen bytes."""
 
 _CLIENT_KEEPALIVE = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
