@@ -232,6 +232,25 @@ def _still_failing(router: ModelRouter, failed: set[str]) -> set[str]:
     return out
 
 
+def _host(client: ReplicaClient) -> str:
+    return client.address.rsplit(":", 1)[0]
+
+
+def _pick_elsewhere(
+    router: ModelRouter, key: str | None, avoid: set[str], failed: set[str]
+) -> ReplicaClient | None:
+    """A replica for a request that `failed` replicas could not serve, on another host than
+    theirs while one has room, else any not in `avoid`.
+
+    A host cut off from the network takes all its replicas with it, and each is
+    noticed only when its own connection's keepalive fails: a request moved to a
+    neighbour of the first would stall a second time.
+    """
+    hosts = {_host(c) for rid in failed if (c := router.clients.get(rid)) is not None}
+    neighbours = {rid for rid, c in router.clients.items() if _host(c) in hosts}
+    return router.pick(key, avoid | neighbours) or router.pick(key, avoid)
+
+
 def _dropped_while_writing(flow: Flow) -> bool:
     """True when a cancelled write was the watchdog dropping a slow client (not a shutdown)."""
     task = asyncio.current_task()
@@ -363,7 +382,7 @@ class GenerationService:
         exclude: set[str] = set()
         failure: tuple[int, str] | None = None
         for attempt in range(self.retries + 1):
-            client = router.pick(key, exclude)
+            client = _pick_elsewhere(router, key, exclude, exclude)
             if client is None:
                 break
             if attempt:
@@ -435,7 +454,8 @@ class GenerationService:
         started = loop.time()
         # A replica that failed this request is skipped until it is back in rotation
         # with a clean record (a restarted replica may serve the rest).
-        client = router.pick(lease.session_key, _still_failing(router, lease.exclude))
+        key, failed_ids = lease.session_key, lease.exclude
+        client = _pick_elsewhere(router, key, _still_failing(router, failed_ids), failed_ids)
         while client is None:
             if flow.gone:
                 raise ClientGone
@@ -444,7 +464,7 @@ class GenerationService:
                 log.warning("no replica to continue on within %.0f s", MIGRATION_WAIT_S)
                 return False
             await asyncio.sleep(MIGRATION_POLL_S)
-            client = router.pick(lease.session_key, _still_failing(router, lease.exclude))
+            client = _pick_elsewhere(router, key, _still_failing(router, failed_ids), failed_ids)
         lease.waited += loop.time() - started
         lease.migrations += 1
         base = lease.request.request_id

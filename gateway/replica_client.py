@@ -15,7 +15,7 @@ and requests the engine failed count toward `failure_threshold`. Past it, or
 when the replica says it is not ready (UNAVAILABLE from the replica, or Health
 not ready), the replica leaves the rotation and a probe brings it back after a
 successful Health call. gRPC keepalive (`mss.rpc`) notices a replica whose
-host went silent within about two seconds, even mid-stream.
+host went silent within about a second, even mid-stream.
 """
 
 from __future__ import annotations

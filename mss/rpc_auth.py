@@ -130,14 +130,17 @@ def describe(error: grpc.RpcError) -> str:
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return f"refused: {details}"
     lowered = details.lower()
-    if "handshake" in lowered or "certificate" in lowered or "ssl" in lowered:
+    # "tcp handshaker shutdown" is a connection attempt given up (the host is unreachable),
+    # before any TLS.
+    tls = "handshake" in lowered and "tcp handshaker" not in lowered
+    if tls or "certificate" in lowered or "ssl" in lowered:
         return (
             f"TLS handshake failed: {details} (certificates from another CA, expired, "
             "or TLS on one side only?)"
         )
     name = code.name if code is not None else "error"
-    if "socket closed" in lowered:
-        return f"{name}: {details} (TLS on the server and not here?)"
+    if "socket closed" in lowered:  # also what a server that stopped or died leaves
+        return f"{name}: {details} (the server went away, or TLS on the server and not here?)"
     return f"{name}: {details}"
 
 

@@ -337,6 +337,57 @@ async def test_a_replica_failing_after_the_first_token_hands_the_rest_to_another
     assert_released(svc, router, fakes)
 
 
+def two_hosts(table: RoutingTable, name: str) -> tuple[ModelRouter, dict[str, FakeReplica]]:
+    """Replicas a0 and a1 on host a, b0 on host b, taken in that order by round robin."""
+    proto = controller_pb2.RoutingTable(version=table.version + 1)
+    routes = proto.models.add(model=name, strategy="round_robin")
+    for rid, address in (
+        ("a0", "10.0.0.2:50100"),
+        ("a1", "10.0.0.2:50101"),
+        ("b0", "10.0.0.3:50100"),
+    ):
+        routes.routes.add(replica_id=rid, address=address)
+    table.apply(proto)
+    router = table.get(name)
+    assert router is not None
+    fakes = {rid: c for rid, c in router.clients.items() if isinstance(c, FakeReplica)}
+    return router, fakes
+
+
+async def test_a_request_moves_off_a_failed_replicas_host_while_another_host_has_room(
+    table: RoutingTable,
+) -> None:
+    # A cut-off host's replicas fail one keepalive at a time: moving to a0's neighbour
+    # would stall the stream twice.
+    router, fakes = two_hosts(table, "hosts")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("hosts"))
+    await until(lambda: fakes["a0"].sinks, "the request reaching a0")
+    say_ids(fakes["a0"], "partial", [7])
+    await until(lambda: http.events(), "the first token")
+    fakes["a0"].fail(grpc.StatusCode.UNAVAILABLE, "keepalive watchdog timeout")
+
+    await until(lambda: fakes["b0"].sinks, "the continuation reaching host b")
+    assert fakes["a1"].requests == []
+    say_ids(fakes["b0"], " rest", [8], finish="stop", usage=1)
+    assert await task == 200
+    assert [e["token"] for e in http.events()] == ["partial", " rest", ""]
+    assert_released(svc, router, list(fakes.values()))
+
+
+async def test_a_retry_before_the_first_token_prefers_another_host(table: RoutingTable) -> None:
+    router, fakes = two_hosts(table, "hosts-retry")
+    svc, http = service(), FakeHttp()
+    task = start(svc, router, http, generation("hosts-retry"))
+    await until(lambda: fakes["a0"].sinks, "the first attempt on a0")
+    fakes["a0"].fail(grpc.StatusCode.UNAVAILABLE)
+    await until(lambda: fakes["b0"].sinks, "the retry on host b")
+    assert fakes["a1"].requests == []
+    fakes["b0"].say("ok", finish="stop", usage=(1, 1))
+    assert await task == 200
+    assert_released(svc, router, list(fakes.values()))
+
+
 async def test_a_request_that_cannot_move_ends_with_an_error_event(
     table: RoutingTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:

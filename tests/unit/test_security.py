@@ -18,7 +18,7 @@ import pytest
 
 from mss import certs
 from mss.config import ConfigError, SecuritySettings
-from mss.rpc_auth import REPLICA_RULES, AuthInterceptor, add_port, channel, rules
+from mss.rpc_auth import REPLICA_RULES, AuthInterceptor, add_port, channel, describe, rules
 from mss.security import (
     Credentials,
     SecurityError,
@@ -262,3 +262,27 @@ async def test_mutual_tls_admits_callers_by_the_role_in_their_certificate(tmp_pa
         assert await call(address, plain, "Health") == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(None)
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_failure_is_blamed_on_tls_only_when_tls_may_be_the_cause() -> None:
+    unreachable = _Failure(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: "
+        "ipv4:10.0.0.2:50100: tcp handshaker shutdown",
+    )
+    assert "TLS" not in describe(unreachable)  # a host cut off, before any TLS
+    foreign = _Failure(grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY")
+    assert describe(foreign).startswith("TLS handshake failed")
+    gone = describe(_Failure(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)"))
+    assert "the server went away" in gone
