@@ -218,7 +218,8 @@ def continuation(
     cont.sampling.min_tokens = max(0, request.sampling.min_tokens - produced)
     cont.sampling.ClearField("prompt_logprobs")  # sent with the first output already
     cont.resume.token_ids.extend(output.token_ids)
-    cont.resume.text_chars = output.text_chars
+    if output.count_text:
+        cont.resume.text_chars = output.text_chars
     return cont
 
 
@@ -246,6 +247,8 @@ def _pick_elsewhere(
     noticed only when its own connection's keepalive fails: a request moved to a
     neighbour of the first would stall a second time.
     """
+    if not failed:
+        return router.pick(key, avoid)
     hosts = {_host(c) for rid in failed if (c := router.clients.get(rid)) is not None}
     neighbours = {rid for rid, c in router.clients.items() if _host(c) in hosts}
     return router.pick(key, avoid | neighbours) or router.pick(key, avoid)
@@ -312,7 +315,8 @@ class GenerationService:
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
                 req = build_request(inp, fmt.request_id, request.max_tokens)
-                output = Output() if migratable(inp) else None
+                # Only a stop string makes a replica hold text back from its deltas.
+                output = Output(count_text=bool(inp.sampling.stop)) if migratable(inp) else None
                 client, sink = await self._first(router, req, inp.session_key, flow, output)
                 lease = Lease(client, sink, req, output, inp.session_key)
                 flow.charge = request.max_tokens * max(1, inp.sampling.n)

@@ -187,10 +187,11 @@ class Engine(abc.ABC):
             if sampling.n > 1 or sampling.structured is not None:
                 raise InvalidRequest("resume: only a one-choice request without structured output")
             prepared.resumed = len(resumed)
-            # A token whose bytes end mid-character decodes to U+FFFD; the next
-            # token completes the character, so it is not pending text.
-            unsent = self._output_text(resumed, sampling)[request.resume.text_chars :]
-            prepared.pending_text = unsent.rstrip("\ufffd")
+            if request.resume.HasField("text_chars"):
+                # A token whose bytes end mid-character decodes to U+FFFD; the next
+                # token completes the character, so it is not pending text.
+                unsent = self._output_text(resumed, sampling)[request.resume.text_chars :]
+                prepared.pending_text = unsent.rstrip("\ufffd")
         prepared.engine_params = self._engine_params(prepared)
         return prepared
 

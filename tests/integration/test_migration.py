@@ -33,6 +33,7 @@ deployments:
     model: fake
     limits: {{max_tokens: {TOKENS}}}
 """
+STOP = "never said by the fake engine"
 MAX_STALL_S = 2.0
 """Longest gap allowed between two chunks of one stream (normally 20 ms; a move costs
 the failure's detection, a new submission and one engine step)."""
@@ -63,7 +64,15 @@ async def seed_stream(http: httpx.AsyncClient, text: str, tally: Tally) -> str:
 
 
 async def completion_stream(http: httpx.AsyncClient, text: str, tally: Tally) -> str:
-    body = {"model": MODEL, "prompt": text, "max_tokens": TOKENS, "stream": True}
+    # A stop string that never matches makes the replica hold back the text's tail (it
+    # could be the start of one): a move must deliver that tail too.
+    body = {
+        "model": MODEL,
+        "prompt": text,
+        "max_tokens": TOKENS,
+        "stream": True,
+        "stop": [STOP],
+    }
     return await _stream(http, "/v1/completions", body, tally, "text")
 
 

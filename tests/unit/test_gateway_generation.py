@@ -321,7 +321,8 @@ async def test_a_replica_failing_after_the_first_token_hands_the_rest_to_another
 
     await until(lambda: fakes[1].sinks, "the continuation reaching the other replica")
     cont = fakes[1].requests[0]
-    assert list(cont.resume.token_ids) == [7, 8, 9] and cont.resume.text_chars == 12
+    assert list(cont.resume.token_ids) == [7, 8, 9]
+    assert not cont.resume.HasField("text_chars")  # no stop strings: nothing was held back
     assert cont.sampling.max_tokens == 16 - 3 and cont.prompt == "hello"
     assert cont.request_id == "rid.m1"
     say_ids(fakes[1], " goes on", [10], finish="stop", usage=1)
@@ -417,7 +418,7 @@ def test_a_continuation_resumes_after_the_output_with_the_bounds_reduced() -> No
     request = build_request(GenerationInput(prompt="hello"), "rid", 10)
     request.sampling.min_tokens = 4
     request.sampling.prompt_logprobs = 2
-    output = Output()
+    output = Output(count_text=True)
     output.token_ids.extend([1, 2, 3])
     output.text_chars = 9
     cont = continuation(request, output, "rid.m1")
@@ -426,6 +427,18 @@ def test_a_continuation_resumes_after_the_output_with_the_bounds_reduced() -> No
     assert not cont.sampling.HasField("prompt_logprobs")
     assert list(cont.resume.token_ids) == [1, 2, 3] and cont.resume.text_chars == 9
     assert request.request_id == "rid" and not request.HasField("resume")  # left as it was
+
+
+async def test_the_text_received_is_counted_only_when_a_replica_may_hold_text_back() -> None:
+    sink = RequestSink("r", FakeReplica("m", "r0", "fake:0"), 64)
+    sink.output = Output(count_text=True)
+    for text, ids in (("a", [1]), (" bc", [2, 3])):
+        sink.push(replica_pb2.RequestDelta(request_id="r", text=text, token_ids=ids))
+    assert sink.output.token_ids == [1, 2, 3] and sink.output.text_chars == 4
+    plain = RequestSink("q", FakeReplica("m", "r1", "fake:1"), 64)
+    plain.output = Output()
+    plain.push(replica_pb2.RequestDelta(request_id="q", text="abc", token_ids=[5]))
+    assert plain.output.token_ids == [5] and plain.output.text_chars == 0
 
 
 @pytest.mark.parametrize(
