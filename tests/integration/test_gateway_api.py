@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -495,6 +496,13 @@ def test_several_workers_share_one_port_and_metrics() -> None:
     gateway = None
     try:
         gateway = start_gateway([(MODEL, replica.address)], config=CONFIG, extra=["--workers", "2"])
+        # /ready answered by one worker; each probes the replica on its own, so wait until
+        # ten answers in a row (spread over both by the kernel) say ready.
+        deadline, in_a_row = time.monotonic() + 20, 0
+        while in_a_row < 10 and time.monotonic() < deadline:
+            ready = httpx.get(f"{gateway.address}/ready", timeout=5).status_code == 200
+            in_a_row = in_a_row + 1 if ready else 0
+            time.sleep(0.05)
         for _ in range(6):
             r = httpx.post(
                 f"{gateway.address}/v1/chat/{MODEL}",

@@ -36,6 +36,7 @@ PROMPTS = [
 CONFIG = f"""
 deployments:
   - name: {MODEL}
+    routing: round_robin  # the streams alternate: two of the four are on the victim
     limits: {{max_tokens: {TOKENS}}}
 """
 

@@ -263,7 +263,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], lea
     return 200
 
 
-async def run_load(gateway: str, seconds: float, report: LoadReport) -> None:
+async def run_load(gateway: str, prom: str, seconds: float, report: LoadReport) -> None:
     """Mixed traffic for `seconds`: streams on both routes, early leavers, invalid, bursts."""
     base = f"http://{gateway}"
     deadline = time.monotonic() + seconds
@@ -300,7 +300,16 @@ async def run_load(gateway: str, seconds: float, report: LoadReport) -> None:
             report.streams_done += 1
 
     async def cold_start(client: httpx.AsyncClient) -> None:
-        await asyncio.sleep(4.0)  # Prometheus has scraped its empty cold-start histogram by then
+        # The cold start's panels show an increase: Prometheus must hold a sample of the
+        # empty histogram before the start, so wait for it (bounded), then one more scrape.
+        params = {"query": "mss_controller_cold_start_seconds_count"}
+        until = time.monotonic() + 20
+        while time.monotonic() < until:
+            reply = await client.get(f"{prom}/api/v1/query", params=params)
+            if reply.status_code == 200 and reply.json()["data"]["result"]:
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
         body = {"messages": [{"role": "user", "content": "wake up"}], "max_tokens": 4}
         report.codes[await _stream(client, f"{base}/v1/chat/echo-auto", body, False)] += 1
 
@@ -369,7 +378,7 @@ def test_every_dashboard_query_returns_data_from_real_prometheus(
     ):
         report = LoadReport(codes=Counter())
         load = threading.Thread(
-            target=lambda: asyncio.run(run_load(system.gateway, LOAD_SECONDS, report)),
+            target=lambda: asyncio.run(run_load(system.gateway, prom, LOAD_SECONDS, report)),
             name="load",
         )
         started = time.monotonic()
