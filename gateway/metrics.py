@@ -151,6 +151,12 @@ REPLICA_KV = Gauge(
     ["model", "replica"],
     multiprocess_mode="mostrecent",
 )
+REPLICA_PREFIX_HIT = Gauge(
+    "mss_gateway_replica_prefix_cache_hit_rate",
+    "Prefix-cache hit rate (0-1, prompt tokens, recent requests) a replica last reported.",
+    ["model", "replica"],
+    multiprocess_mode="mostrecent",
+)
 TABLE_VERSION = Gauge(
     "mss_gateway_routing_table_version",
     "Version of the routing table in use.",

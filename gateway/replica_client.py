@@ -287,6 +287,7 @@ class GenerateStream:
                 stats.running = load.running
                 stats.waiting = load.waiting
                 stats.kv_cache_usage = load.kv_cache_usage
+                stats.prefix_cache_hit_rate = load.prefix_cache_hit_rate
                 stats.max_in_flight = load.max_in_flight
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
@@ -511,6 +512,7 @@ class ReplicaClient:
         self.stats.running = load.running
         self.stats.waiting = load.waiting
         self.stats.kv_cache_usage = load.kv_cache_usage
+        self.stats.prefix_cache_hit_rate = load.prefix_cache_hit_rate
         self.stats.max_in_flight = load.max_in_flight
         if resp.max_model_len:
             self.max_model_len = resp.max_model_len

@@ -207,6 +207,7 @@ class RoutingTable:
                 metrics.REPLICA_RUNNING.labels(name, rid).set(stats.running)
                 metrics.REPLICA_WAITING.labels(name, rid).set(stats.waiting)
                 metrics.REPLICA_KV.labels(name, rid).set(stats.kv_cache_usage)
+                metrics.REPLICA_PREFIX_HIT.labels(name, rid).set(stats.prefix_cache_hit_rate)
 
     async def close(self) -> None:
         clients = [c for m in self.models.values() for c in m.clients.values()]

@@ -53,6 +53,11 @@ class EngineArgs(StrictModel):
     """Engine batch size bound (sequences scheduled at once)."""
     seed: int = 0
     """Engine seed, for reproducible sampling when requests give none."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix the engine already computed (vLLM's automatic
+    prefix caching): a request that starts like an earlier one (a shared system prompt, the
+    earlier turns of a conversation) skips computing those tokens again. vLLM turns it off
+    where the CPU build cannot do it (MLA models, RISC-V); the replica logs whether it is on."""
     token_interval_ms: float = Field(10.0, ge=0, le=60_000)
     """Fake engine only: delay between tokens."""
     load_delay_s: float = Field(0.0, ge=0, le=600)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ __all__ = [
     "EngineDead",
     "EngineLoad",
     "InvalidRequest",
+    "PrefixCacheWindow",
     "Prepared",
     "PromptSource",
 ]
@@ -95,11 +97,66 @@ class Prepared:
 
 @dataclass(slots=True)
 class EngineLoad:
-    """The engine's own numbers, for routing: requests running and waiting, KV use 0-1."""
+    """The engine's own numbers, for routing: requests running and waiting, KV use 0-1,
+    and how much of the prompts the prefix cache served (zero for an engine without one)."""
 
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache since the engine started."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose KV blocks were already there and were not computed again."""
+    prefix_cache_hit_rate: float = 0.0
+    """Hits over queries for the last `PREFIX_CACHE_WINDOW` requests (`PrefixCacheWindow`)."""
+
+
+PREFIX_CACHE_WINDOW = 1000
+"""Requests the prefix-cache hit rate is taken over: vLLM's own log line uses as many."""
+
+
+class PrefixCacheWindow:
+    """The prefix-cache hit rate of the most recent requests, in tokens.
+
+    Counted as vLLM's `CachingMetrics` counts it (`vllm/v1/metrics/stats.py`):
+    the engine reports each step's newly scheduled requests with the prompt
+    tokens they looked up and found; the window keeps whole steps and drops
+    the oldest once it holds more than `max_requests` requests (always keeping
+    the newest step). A request only preempted and resumed is not counted again.
+    Unlike a count since start, the rate follows a change of traffic within
+    about `max_requests` requests.
+    """
+
+    def __init__(self, max_requests: int = PREFIX_CACHE_WINDOW) -> None:
+        self.max_requests = max_requests
+        self._steps: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._requests = 0
+        self._queries = 0
+        self._hits = 0
+
+    def observe(self, requests: int, queries: int, hits: int) -> None:
+        """One engine step's new requests, prompt tokens looked up and tokens found."""
+        if requests == 0:
+            return  # an empty step would only push real ones out of the window
+        self._steps.append((requests, queries, hits))
+        self._requests += requests
+        self._queries += queries
+        self._hits += hits
+        while len(self._steps) > 1 and self._requests > self.max_requests:
+            old_requests, old_queries, old_hits = self._steps.popleft()
+            self._requests -= old_requests
+            self._queries -= old_queries
+            self._hits -= old_hits
+
+    def clear(self) -> None:
+        """Forget the window (the engine's prefix cache was emptied)."""
+        self._steps.clear()
+        self._requests = self._queries = self._hits = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over queries in the window, 0-1; 0 before any request."""
+        return self._hits / self._queries if self._queries else 0.0
 
 
 class Engine(abc.ABC):

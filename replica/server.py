@@ -81,6 +81,9 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
             kv_cache_usage=load.kv_cache_usage,
             in_flight=self.in_flight,
             max_in_flight=self.max_in_flight,
+            prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+            prefix_cache_queries=load.prefix_cache_queries,
+            prefix_cache_hits=load.prefix_cache_hits,
         )
 
     async def Health(

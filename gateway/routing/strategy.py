@@ -40,6 +40,8 @@ class ReplicaStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    """Share of recent prompt tokens the replica's prefix cache held, 0-1, as it last reported."""
     max_in_flight: int = 0
     """What the replica admits at once, as it last reported (0: unknown)."""
     healthy: bool = True

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Callable
 
 import grpc
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos import replica_pb2, replica_pb2_grpc
 from tests.support import Proc, Result, StreamClient, chat, completion, member_channel
@@ -14,6 +18,8 @@ from tests.support import Proc, Result, StreamClient, chat, completion, member_c
 pytestmark = pytest.mark.engine
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+BLOCK_TOKENS = 128
+"""vLLM's KV-cache block on CPU (the replica logs it); the prefix cache reuses whole blocks."""
 
 
 async def wait_idle(client: StreamClient, timeout: float = 10) -> replica_pb2.HealthResponse:
@@ -380,3 +386,64 @@ async def test_chat_rendering_takes_tool_turns_and_template_options(real_replica
     )
     text = (await stub.Detokenize(replica_pb2.DetokenizeRequest(tokens=continued.tokens))).prompt
     assert text.endswith("<|im_start|>assistant\nThe capital is")
+
+
+async def wait_load(
+    client: StreamClient, check: Callable[[replica_pb2.Load], bool], timeout: float = 10
+) -> replica_pb2.Load:
+    """The replica's load once `check` holds for it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            load = (await client.health()).load
+            if check(load):
+                return load
+            await asyncio.sleep(0.1)
+
+
+def replica_metrics(proc: Proc) -> dict[str, float]:
+    """The replica's /metrics samples, by name (one model per replica)."""
+    text = httpx.get(f"http://127.0.0.1:{proc.extra['metrics_port']}/metrics", timeout=5).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_a_repeated_prompt_is_served_from_the_prefix_cache(real_replica: Proc) -> None:
+    """The CPU build honours automatic prefix caching: the same ~600-token prompt sent again
+    finds every whole KV block before its last token already computed."""
+    assert f"prefix caching on (blocks of {BLOCK_TOKENS} tokens)" in real_replica.log()
+    # A new first block, so nothing earlier in the session can match it.
+    prompt = f"Ticket {uuid.uuid4().hex}.\n" + "\n".join(
+        f"Line {i}: the sensor on rack {i % 7} reported {i * 13 % 97} degrees." for i in range(32)
+    )
+    client = StreamClient(real_replica.address)
+    try:
+        before = await wait_load(client, lambda load: load.running == 0)
+        first = await client.run(completion("prefix-1", prompt, max_tokens=4, temperature=0))
+        n = first.prompt_tokens
+        after_first = await wait_load(
+            client, lambda load: load.prefix_cache_queries >= before.prefix_cache_queries + n
+        )
+        second = await client.run(completion("prefix-2", prompt, max_tokens=4, temperature=0))
+        after_second = await wait_load(
+            client, lambda load: load.prefix_cache_queries >= after_first.prefix_cache_queries + n
+        )
+    finally:
+        await client.close()
+    assert 500 <= n <= 700 and second.prompt_tokens == n, n
+    assert second.text == first.text  # reused KV blocks give the same greedy answer
+    first_hits = after_first.prefix_cache_hits - before.prefix_cache_hits
+    second_hits = after_second.prefix_cache_hits - after_first.prefix_cache_hits
+    assert after_second.prefix_cache_queries - after_first.prefix_cache_queries == n
+    assert first_hits == 0
+    assert n - BLOCK_TOKENS <= second_hits < n, (n, second_hits)
+    assert after_second.prefix_cache_hit_rate > 0
+    samples = replica_metrics(real_replica)
+    assert samples["mss_replica_prefix_cache_queries_total"] == after_second.prefix_cache_queries
+    assert samples["mss_replica_prefix_cache_hits_total"] == after_second.prefix_cache_hits
+    assert samples["mss_replica_prefix_cache_hit_rate"] == pytest.approx(
+        after_second.prefix_cache_hit_rate
+    )
+    print(
+        f"prompt {n} tokens; hits {first_hits} then {second_hits}; "
+        f"hit rate {after_second.prefix_cache_hit_rate:.3f} "
+        f"({after_second.prefix_cache_hits}/{after_second.prefix_cache_queries} tokens in all)"
+    )

@@ -35,7 +35,7 @@ class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
         return replica_pb2.HealthResponse(
             ready=self.ready,
             model=MODEL,
-            load=replica_pb2.Load(max_in_flight=8),
+            load=replica_pb2.Load(max_in_flight=8, prefix_cache_hit_rate=0.25),
             max_model_len=2048,
         )
 
@@ -123,7 +123,7 @@ async def test_multiplexing_order_and_cancellation(replica: tuple[ScriptedReplic
     client = ReplicaClient(MODEL, "r1", address)
     client.start()
     await until(lambda: client.stats.healthy, "the probe")
-    assert client.stats.max_in_flight == 8
+    assert client.stats.max_in_flight == 8 and client.stats.prefix_cache_hit_rate == 0.25
     old, new = client.submit(request("old"), 16), client.submit(request("new"), 16)
     dup = client.submit(request("old"), 16)  # same id twice on one stream: made unique
     assert dup.request_id.startswith("old~")
@@ -145,7 +145,13 @@ async def test_multiplexing_order_and_cancellation(replica: tuple[ScriptedReplic
     servicer.replies.put_nowait(
         replica_pb2.GenerateReply(
             deltas=[delta("old", "b"), delta("new", "x"), delta(dup.request_id, "z", "length")],
-            load=replica_pb2.Load(running=3, waiting=1, kv_cache_usage=0.5, max_in_flight=8),
+            load=replica_pb2.Load(
+                running=3,
+                waiting=1,
+                kv_cache_usage=0.5,
+                max_in_flight=8,
+                prefix_cache_hit_rate=0.75,
+            ),
         )
     )
     await until(lambda: len(order) == 3, "the wakeups")
@@ -153,6 +159,7 @@ async def test_multiplexing_order_and_cancellation(replica: tuple[ScriptedReplic
     assert list(texts(new)) == ["x"] and list(texts(old)) == ["b"]
     assert dup.ended and not new.ended
     assert (client.stats.running, client.stats.waiting, client.stats.kv_cache_usage) == (3, 1, 0.5)
+    assert client.stats.prefix_cache_hit_rate == 0.75
 
     client.release(dup)  # finished: nothing to cancel
     client.release(new)  # still running: cancelled on the replica

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from gateway.replica_client import ReplicaClient
 from gateway.routing_table import RoutingTable, static_table
 from mss.config import ClusterConfig, parse_config
@@ -57,6 +59,18 @@ async def test_apply_versions_reuse_and_retire() -> None:
     assert rt.get("a") is None and a1.stats.removed
     b = rt.get("b")
     assert b is not None and b.strategy_name == "least_loaded"  # unknown strategy: default
+    await rt.close()
+
+
+async def test_gauges_show_each_replicas_last_report() -> None:
+    rt = RoutingTable(client_factory=FakeClient)
+    rt.apply(table(1, ("g", "", [("g1", "h:1")])))
+    router = rt.get("g")
+    assert router is not None
+    router.clients["g1"].stats.prefix_cache_hit_rate = 0.75
+    rt.refresh_gauges()
+    labels = {"model": "g", "replica": "g1"}
+    assert REGISTRY.get_sample_value("mss_gateway_replica_prefix_cache_hit_rate", labels) == 0.75
     await rt.close()
 
 

@@ -4,13 +4,17 @@ arrival order, and the one cancellation path (abort, then re-raise)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from types import SimpleNamespace
 
 import pytest
 
+from mss.config import Deployment
 from protos import replica_pb2
-from replica.engine import InvalidRequest
+from replica.engine import InvalidRequest, PrefixCacheWindow
 from replica.fake_engine import id_for
+from replica.vllm_engine import VllmEngine
 from tests.support import RecordingEngine, chat, completion
 
 
@@ -136,3 +140,57 @@ async def test_a_finished_request_is_not_aborted() -> None:
         assert engine.aborted == []
     finally:
         await engine.shutdown()
+
+
+def test_prefix_cache_hit_rate_covers_the_most_recent_requests() -> None:
+    window = PrefixCacheWindow(max_requests=4)
+    assert window.hit_rate == 0.0
+    window.observe(requests=2, queries=1000, hits=0)  # two new prompts
+    window.observe(requests=0, queries=0, hits=0)  # a decode-only step: not counted
+    window.observe(requests=2, queries=1000, hits=1000)  # the same two again, all cached
+    assert window.hit_rate == 0.5
+    window.observe(requests=1, queries=500, hits=500)  # five requests: the oldest step goes
+    assert window.hit_rate == 1.0
+    window.observe(requests=9, queries=900, hits=0)  # a step larger than the window stays...
+    assert window.hit_rate == 0.0
+    window.observe(requests=1, queries=100, hits=100)  # ...until the next one
+    assert window.hit_rate == 1.0
+    window.clear()
+    assert window.hit_rate == 0.0
+
+
+async def test_the_fake_engine_reports_no_prefix_cache() -> None:
+    engine = await started()
+    try:
+        prepared = await engine.prepare(request("a"), "1-a")
+        for _ in range(2):
+            [d async for d in engine.generate(prepared)]
+        load = engine.load
+        assert (load.prefix_cache_queries, load.prefix_cache_hits) == (0, 0)
+        assert load.prefix_cache_hit_rate == 0.0
+    finally:
+        await engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("asked", "on", "level", "said"),
+    [
+        (True, True, logging.INFO, "prefix caching on (blocks of 128 tokens)"),
+        (True, False, logging.WARNING, "prefix caching asked for but off"),
+        (False, False, logging.INFO, "prefix caching off (engine_args"),
+    ],
+)
+def test_the_replica_says_whether_vllm_kept_prefix_caching(
+    caplog: pytest.LogCaptureFixture, asked: bool, on: bool, level: int, said: str
+) -> None:
+    engine = VllmEngine(
+        Deployment.model_validate({"name": "m", "engine_args": {"enable_prefix_caching": asked}})
+    )
+    # What vLLM's config holds once its platform had its say (the CPU platform turns
+    # caching off for MLA models and on RISC-V).
+    cache = SimpleNamespace(enable_prefix_caching=on, block_size=128)
+    engine._llm = SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache))
+    with caplog.at_level(logging.INFO, logger="replica.vllm_engine"):
+        engine._log_prefix_caching()
+    (record,) = caplog.records
+    assert record.levelno == level and record.getMessage().startswith(said)

@@ -196,3 +196,28 @@ async def test_tokenize_and_detokenize_answer_once_loaded() -> None:
         assert loading.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         await engine.shutdown()
+
+
+def metric(name: str, model: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"model": model})
+
+
+async def test_prefix_cache_numbers_reach_the_load_and_metrics_as_the_engine_has_them() -> None:
+    service, engine = await serving()
+    try:
+        model = engine.model_name
+        assert metric("mss_replica_prefix_cache_queries_total", model) == 0
+        assert metric("mss_replica_prefix_cache_hits_total", model) == 0
+        assert metric("mss_replica_prefix_cache_hit_rate", model) == 0
+        # What vLLM's engine would have added up; the fake engine has no prefix cache.
+        engine.load.prefix_cache_queries = 1200
+        engine.load.prefix_cache_hits = 512
+        engine.load.prefix_cache_hit_rate = 0.25
+        load = service.load_pb()
+        assert (load.prefix_cache_queries, load.prefix_cache_hits) == (1200, 512)
+        assert load.prefix_cache_hit_rate == 0.25
+        assert metric("mss_replica_prefix_cache_queries_total", model) == 1200
+        assert metric("mss_replica_prefix_cache_hits_total", model) == 512
+        assert metric("mss_replica_prefix_cache_hit_rate", model) == 0.25
+    finally:
+        await engine.shutdown()
