@@ -163,6 +163,36 @@ TABLE_VERSION = Gauge(
     multiprocess_mode="max",
 )
 
+CACHE_HITS = Counter(
+    "mss_gateway_response_cache_hits",
+    "Response cache lookups answered, by the tier that held the entry (memory|sqlite|redis).",
+    ["model", "tier"],
+)
+CACHE_MISSES = Counter(
+    "mss_gateway_response_cache_misses", "Response cache lookups no tier answered.", ["model"]
+)
+CACHE_EVICTIONS = Counter(
+    "mss_gateway_response_cache_evictions",
+    "Response cache entries dropped to stay within a tier's byte bound (memory|sqlite).",
+    ["tier"],
+)
+CACHE_BYTES = Gauge(
+    "mss_gateway_response_cache_bytes",
+    "Key and value bytes held by a response cache tier (memory: summed over workers).",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
+CACHE_ERRORS = Counter(
+    "mss_gateway_response_cache_errors",
+    "Response cache operations that failed in a tier (sqlite|redis), each taken as a miss.",
+    ["tier"],
+)
+COALESCED = Counter(
+    "mss_gateway_coalesced_requests",
+    "Requests that waited for an identical request in progress and shared its response.",
+    ["model"],
+)
+
 
 class BatchedHistogram:
     """Observations counted locally, added to a Histogram child in bulk by `flush`.

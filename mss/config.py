@@ -265,6 +265,57 @@ def check_unique_keys(keys: list[ApiKey]) -> list[ApiKey]:
 ApiKeys = Annotated[list[ApiKey], AfterValidator(check_unique_keys)]
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+"""URL schemes `redis.asyncio` connects with."""
+
+
+class ResponseCacheStore(StrictModel):
+    """Where a gateway keeps cached responses (`gateway/response_cache.py`).
+
+    Always a memory tier in each gateway process; behind it at most one second
+    tier: a SQLite file (survives restarts, shared by the workers of one
+    machine) or a Redis server (shared by every gateway that names it).
+    Which deployments are cached, and for how long, is each deployment's choice.
+    """
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=0, le=1 << 40)
+    """Memory tier bound per gateway process, counting key and value bytes; least recently
+    used entries leave first. An entry over an eighth of it is not kept. 0: no memory tier."""
+    sqlite_path: str | None = Field(None, min_length=1)
+    """SQLite file of the persistent tier (`~` expanded; its folder is created). Gateway
+    workers and restarts share it."""
+    sqlite_max_bytes: int = Field(1 << 30, ge=0, le=1 << 44)
+    """Bound of the SQLite tier, counting key and value bytes; past it the least recently used
+    rows are deleted. An entry over an eighth of it is not written."""
+    redis_url: str | None = None
+    """Redis server shared by several gateways (`redis://`, `rediss://` or `unix://`). Its size
+    bound is Redis's own: set `maxmemory` and `maxmemory-policy allkeys-lru` on the server."""
+
+    @field_validator("sqlite_path")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return None if value is None else os.path.expanduser(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(REDIS_SCHEMES):
+            scheme = value.partition(":")[0]  # not the rest: a URL may hold a password
+            raise ValueError(
+                f"redis_url scheme {scheme!r} is not one of {', '.join(REDIS_SCHEMES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_second_tier(self) -> ResponseCacheStore:
+        if self.sqlite_path is not None and self.redis_url is not None:
+            raise ValueError(
+                f"sqlite_path {self.sqlite_path!r} and redis_url are both set; the cache has "
+                "one tier behind memory: pick SQLite (one machine) or Redis (shared by gateways)"
+            )
+        return self
+
+
 class GatewaySettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -310,6 +361,8 @@ class GatewaySettings(StrictModel):
     """Open client connections per gateway process; a connection past it gets a 503 JSON
     error with Retry-After once its request head is in, and is closed. Keep it below the
     process's open-file limit (`ulimit -n`), which also counts replica channels and logs."""
+    response_cache: ResponseCacheStore = Field(default_factory=ResponseCacheStore)
+    """Where cached responses are kept; each deployment says whether it is cached."""
 
 
 class SecuritySettings(StrictModel):

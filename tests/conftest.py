@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from tests.support import Proc, health, start_replica, wait_ready
+from tests.kube_render import missing
+from tests.support import Proc, health, start_redis, start_replica, wait_ready
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,27 @@ def real_replica() -> Iterator[Proc]:
 @pytest.fixture
 def fake_replica() -> Iterator[Proc]:
     proc = start_replica(engine="fake", token_interval_ms=5)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """Path of `redis-server` (Debian's redis-server package); missing: a failure under
+    CI=true, else a skip."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("redis-server is not installed (Debian's redis-server package; .ci/run adds it)")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: str) -> Iterator[Proc]:
+    """One throwaway Redis for the session (`proc.address` is its URL); tests use keys of
+    their own on it."""
+    proc = start_redis(redis_binary)
     try:
         yield proc
     finally:

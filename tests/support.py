@@ -6,6 +6,7 @@
 - `StreamClient`: a small multiplexing client of a replica's Generate stream.
 - `sse_events`: parses an SSE body the way a client does.
 - `RecordingEngine`: the fake engine, recording tokenization and aborts.
+- `start_redis`: a throwaway `redis-server` for the response cache's Redis tier.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -260,6 +262,34 @@ def start_gateway(
         time.sleep(0.1)
     proc.kill()
     raise TimeoutError(f"gateway not {path} after {timeout} s:\n{proc.log()[-3000:]}")
+
+
+def start_redis(binary: str, port: int | None = None, timeout: float = 10.0) -> Proc:
+    """`redis-server` on loopback (a free port unless given), keeping nothing on disk; waits
+    until it answers PING. `proc.address` is its redis:// URL."""
+    port = port or free_port()
+    fd, path = tempfile.mkstemp(prefix=f"mss-redis-{port}-", suffix=".log")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", tempfile.gettempdir()]
+    proc = subprocess.Popen(
+        args, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    os.close(fd)
+    server = Proc(proc=proc, log_path=Path(path), address=f"redis://127.0.0.1:{port}/0")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"redis-server exited:\n{server.log()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.02)
+    server.kill()
+    raise TimeoutError(f"redis-server not answering after {timeout} s:\n{server.log()[-3000:]}")
 
 
 FAKE_MODEL = "smollm2"
