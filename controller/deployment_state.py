@@ -436,6 +436,8 @@ class DeploymentState:
                 max_queue=spec.limits.max_queue,
                 max_tokens=spec.limits.max_tokens,
                 routes=routes,
+                response_cache_ttl_s=spec.response_cache.ttl_s if spec.response_cache.enabled else 0,
+                coalesce=spec.response_cache.coalesce,
             )
             if spec.autoscaling is not None:
                 model.autoscaled = True

@@ -38,6 +38,7 @@ from gateway.generation import GenerationRequest, GenerationService
 from gateway.rate_limits import KeyLimiter
 from gateway.replica_client import ReplicaClient
 from gateway.request_reader import SEED_ROUTE, make_format, parse_body, read_body
+from gateway.response_cache import ResponseCache
 from gateway.routing_table import ModelRouter, RoutingTable, static_table
 from mss.config import ClusterConfig, GatewaySettings
 from mss.security import load_credentials
@@ -117,11 +118,13 @@ class Gateway:
             failure_threshold=self.settings.replica_failure_threshold,
             client_factory=functools.partial(ReplicaClient, creds=self.creds),
         )
+        self.response_cache = ResponseCache(self.settings.response_cache)
         self.generation = GenerationService(
             retries=self.settings.retries,
             buffer_chunks=self.settings.stream_buffer_chunks,
             slow_client_timeout_s=self.settings.slow_client_timeout_s,
             limiter=ClientLimiter(self.settings.max_in_flight_per_client),
+            cache=self.response_cache,
         )
         self.cold_starts = ColdStarts(self.table, self.settings.hold_keepalive_s)
         self.keys = KeyStore(self.settings)
@@ -129,6 +132,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        await self.response_cache.start()
         tasks = self._tasks
         tasks.append(asyncio.create_task(self.generation.watchdog(), name="slow-client-watchdog"))
         tasks.append(asyncio.create_task(self._refresh_gauges(), name="gauge-refresh"))
@@ -158,6 +162,8 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.generation.close()
+        await self.response_cache.close()
         await self.table.close()
 
     async def _refresh_gauges(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,17 @@ from gateway.errors import ApiError
 from gateway.http_protocol import TRANSPORT_KEY
 from gateway.rate_limits import KeyLimiter
 from gateway.replica_client import Output, ReplicaClient, RequestSink
+from gateway.response_cache import ResponseCache
 from gateway.routing_table import ModelRouter
+from gateway.shared_generation import (
+    CACHE_HEADER,
+    SharedGeneration,
+    cache_directives,
+    deterministic,
+    encode,
+    replay_sink,
+    request_key,
+)
 from gateway.sse import StreamFormat
 from mss.rpc import status_name, status_number
 from protos import replica_pb2
@@ -51,6 +62,7 @@ log = logging.getLogger(__name__)
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
+Serve = Callable[..., Awaitable[int]]
 
 _RETRYABLE = {
     status_number(grpc.StatusCode.UNAVAILABLE),
@@ -197,6 +209,22 @@ class Lease:
         return aborted
 
 
+@dataclass(slots=True)
+class _Shared:
+    """A deterministic request on its way to the cache or a shared generation."""
+
+    request: replica_pb2.GenerateRequest
+    inp: GenerationInput
+    output: Output | None
+    key: bytes
+    scope: Scope
+
+
+def request_charge(request: replica_pb2.GenerateRequest) -> int:
+    """The most output tokens a request may produce: charged until its usage is known."""
+    return request.sampling.max_tokens * max(1, request.sampling.n)
+
+
 def migratable(inp: GenerationInput) -> bool:
     """Whether a request can continue on another replica from its token ids: one choice
     (each choice would need its own continuation) and no structured output (the
@@ -273,12 +301,17 @@ class GenerationService:
         buffer_chunks: int,
         slow_client_timeout_s: float,
         limiter: ClientLimiter,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.retries = retries
         self.buffer_chunks = buffer_chunks
         self.slow_client_timeout_s = slow_client_timeout_s
         self.limiter = limiter
+        self.cache = cache
         self.flows: set[Flow] = set()
+        self.shared: dict[bytes, SharedGeneration] = {}
+        """Generations identical requests may join, by request key (coalescing)."""
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
@@ -311,22 +344,20 @@ class GenerationService:
         watcher = asyncio.create_task(self._watch(receive, flow), name="disconnect-watch")
         self.flows.add(flow)
         try:
+            req = build_request(inp, fmt.request_id, request.max_tokens)
+            # Only a stop string makes a replica hold text back from its deltas.
+            output = Output(count_text=bool(inp.sampling.stop)) if migratable(inp) else None
+            if (router.cache_ttl_s or router.coalesce) and deterministic(inp.sampling):
+                shared = _Shared(req, inp, output, request_key(router.name, req), scope)
+                return await self._run_shared(send, router, shared, fmt, flow, arrived, headers)
             await self._admit(router.admission, flow)
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
-                req = build_request(inp, fmt.request_id, request.max_tokens)
-                # Only a stop string makes a replica hold text back from its deltas.
-                output = Output(count_text=bool(inp.sampling.stop)) if migratable(inp) else None
                 client, sink = await self._first(router, req, inp.session_key, flow, output)
                 lease = Lease(client, sink, req, output, inp.session_key)
-                flow.charge = request.max_tokens * max(1, inp.sampling.n)
+                flow.charge = request_charge(req)
                 try:
-                    if not inp.stream:
-                        serve = self._collect
-                    elif fmt.lean:
-                        serve = self._stream
-                    else:
-                        serve = self._stream_rich
+                    serve = self._server(inp, fmt)
                     return await serve(send, router, lease, fmt, flow, arrived, headers)
                 finally:
                     if lease.release():
@@ -342,6 +373,95 @@ class GenerationService:
             if key is not None:
                 api_keys.finish(key, flow.charge)
             watcher.cancel()
+
+    def _server(self, inp: GenerationInput, fmt: StreamFormat) -> Serve:
+        """How the response is written: one JSON body, the lean token stream or the rich one."""
+        if not inp.stream:
+            return self._collect
+        return self._stream if fmt.lean else self._stream_rich
+
+    async def _run_shared(
+        self,
+        send: Send,
+        router: ModelRouter,
+        shared: _Shared,
+        fmt: StreamFormat,
+        flow: Flow,
+        arrived: float,
+        headers: list[tuple[bytes, bytes]],
+    ) -> int:
+        """Serve a deterministic request from the cache, or from a generation it may share.
+
+        A cache hit reaches no replica. Otherwise the request joins the identical one in
+        flight (coalescing) or starts a `SharedGeneration` that stores its output in
+        the cache when it ends well. Each client reads its own sink, at its own pace.
+        """
+        req, inp = shared.request, shared.inp
+        cache = self.cache if router.cache_ttl_s else None
+        read, write = cache_directives(shared.scope.get("headers") or ())
+        serve = self._server(inp, fmt)
+        choices = max(1, inp.sampling.n)
+        if cache is not None and read:
+            value = await cache.get(router.name, shared.key)
+            sink = replay_sink(value, fmt.request_id, choices) if value is not None else None
+            if sink is not None:
+                lease = Lease(None, sink, req, None, inp.session_key)
+                headers.append((CACHE_HEADER, b"HIT"))
+                flow.charge = request_charge(req)
+                return await serve(send, router, lease, fmt, flow, arrived, headers)
+        generation = self.shared.get(shared.key) if router.coalesce else None
+        if generation is not None:
+            state = b"COALESCED"
+            metrics.COALESCED.labels(router.name).inc()
+        else:
+            state = b"MISS" if cache is not None and read else b"BYPASS"
+            generation = self._start_shared(router, shared, cache if write else None)
+        headers.append((CACHE_HEADER, state))
+        sink = generation.join(fmt.request_id, self.buffer_chunks)
+        flow.sink = sink
+        try:
+            while not sink.items and not sink.ended and not flow.gone:
+                await sink.wait()
+            if flow.gone:
+                raise ClientGone
+            if not sink.items and generation.failure is not None:
+                raise generation.failure
+            flow.charge = request_charge(req)
+            lease = Lease(None, sink, req, None, inp.session_key)
+            return await serve(send, router, lease, fmt, flow, arrived, headers)
+        finally:
+            generation.leave(sink)
+
+    def _start_shared(
+        self, router: ModelRouter, shared: _Shared, cache: ResponseCache | None
+    ) -> SharedGeneration:
+        key, req = shared.key, shared.request
+        ttl_s = router.cache_ttl_s
+        store = None
+        if cache is not None:
+
+            async def store(deltas: list[replica_pb2.RequestDelta]) -> None:
+                await cache.put(router.name, key, encode(deltas), ttl_s)
+
+        def done(generation: SharedGeneration) -> None:
+            if self.shared.get(key) is generation:
+                del self.shared[key]
+
+        generation = SharedGeneration(
+            self,
+            router,
+            req,
+            key=key,
+            session_key=shared.inp.session_key,
+            output=shared.output,
+            on_done=done,
+            store=store,
+        )
+        if router.coalesce:
+            self.shared[key] = generation
+        self._background.add(generation.task)
+        generation.task.add_done_callback(self._background.discard)
+        return generation
 
     async def _watch(self, receive: Receive, flow: Flow) -> None:
         while True:
@@ -698,6 +818,15 @@ class GenerationService:
         await self._write(send, flow, body, False)
         m.e2e.observe(loop.time() - arrived)
         return 200
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let shared generations finish their cache writes (bounded), then cancel the rest."""
+        pending = set(self._background)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def watchdog(self) -> None:
         """Drop slow clients every quarter timeout (at least once a second) until cancelled."""

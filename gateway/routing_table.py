@@ -52,6 +52,10 @@ class ModelRouter:
         self.cold_start_timeout_s = 0.0
         self.unavailable = ""
         """The controller's reason no replica will serve soon (empty: one may)."""
+        self.cache_ttl_s = 0.0
+        """How long deterministic responses are cached (0: not at all)."""
+        self.coalesce = False
+        """Identical deterministic requests in flight share one generation."""
 
     def set_clients(self, clients: dict[str, ReplicaClient]) -> None:
         self.clients = clients
@@ -163,6 +167,8 @@ class RoutingTable:
         router.autoscaled = routes.autoscaled
         router.cold_start_timeout_s = routes.cold_start_timeout_s
         router.unavailable = routes.unavailable
+        router.cache_ttl_s = routes.response_cache_ttl_s
+        router.coalesce = routes.coalesce
 
         old = router.clients
         new: dict[str, ReplicaClient] = {}
@@ -244,6 +250,8 @@ def static_table(
             max_in_flight=dep.limits.max_in_flight,
             max_queue=dep.limits.max_queue,
             max_tokens=dep.limits.max_tokens,
+            response_cache_ttl_s=dep.response_cache.ttl_s if dep.response_cache.enabled else 0,
+            coalesce=dep.response_cache.coalesce,
         )
         for i, address in enumerate(addresses):
             routes.routes.add(replica_id=f"{model}-{i}", address=address)

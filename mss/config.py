@@ -136,6 +136,23 @@ class Autoscaling(StrictModel):
         return max(self.min_replicas, min(self.max_replicas, replicas))
 
 
+class ResponseCachePolicy(StrictModel):
+    """Whether a deployment's deterministic requests are answered from a cache or shared.
+
+    A request is deterministic when it samples greedily (temperature 0) or names a
+    seed; only those are cached or coalesced.
+    """
+
+    enabled: bool = False
+    """Answer a request identical to an earlier one (same model, prompt and every
+    sampling setting) from the gateway's response cache, without a replica."""
+    ttl_s: float = Field(3600.0, gt=0, le=30 * 86_400)
+    """How long a cached response is served."""
+    coalesce: bool = False
+    """A request identical to one in flight attaches to it and receives the same
+    output from its start, instead of generating again."""
+
+
 class Deployment(StrictModel):
     """One model served by a set of identical replicas."""
 
@@ -155,6 +172,8 @@ class Deployment(StrictModel):
     """How gateways choose among the replicas: a name from `gateway.routing.STRATEGIES`
     (least_loaded unless given)."""
     limits: Limits = Field(default_factory=Limits)
+    response_cache: ResponseCachePolicy = Field(default_factory=ResponseCachePolicy)
+    """Response cache and request coalescing (both off unless enabled here)."""
 
     @field_validator("routing")
     @classmethod

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/controller.proto\x12\x0emss.controller\"r\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x02\x12\x12\n\nmemory_gib\x18\x04 \x01(\x02\x12\x0c\n\x04gpus\x18\x05 \x01(\x05\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"G\n\x0bReplicaLoad\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\"\xe9\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.mss.controller.ReplicaState\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x10\n\x08restarts\x18\x07 \x01(\x05\x12)\n\x04load\x18\x08 \x01(\x0b\x32\x1b.mss.controller.ReplicaLoad\x12\x0f\n\x07message\x18\t \x01(\t\"{\n\x11ReplicaAssignment\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65ployment_json\x18\x03 \x01(\t\x12\x0c\n\x04keep\x18\x04 \x01(\x08\x12\x17\n\x0f\x64rain_timeout_s\x18\x05 \x01(\x02\"n\n\x13RegisterNodeRequest\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.mss.controller.NodeInfo\x12/\n\x08replicas\x18\x02 \x03(\x0b\x32\x1d.mss.controller.ReplicaStatus\"l\n\x14RegisterNodeResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\x12\x36\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32!.mss.controller.ReplicaAssignment\"T\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12/\n\x08replicas\x18\x02 \x03(\x0b\x32\x1d.mss.controller.ReplicaStatus\"Z\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x36\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32!.mss.controller.ReplicaAssignment\"V\n\x05Route\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\"\xda\x01\n\x0bModelRoutes\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\x05\x12\x11\n\tmax_queue\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12%\n\x06routes\x18\x06 \x03(\x0b\x32\x15.mss.controller.Route\x12\x12\n\nautoscaled\x18\x07 \x01(\x08\x12\x1c\n\x14\x63old_start_timeout_s\x18\x08 \x01(\x02\x12\x13\n\x0bunavailable\x18\t \x01(\t\"L\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12+\n\x06models\x18\x02 \x03(\x0b\x32\x1b.mss.controller.ModelRoutes\"?\n\x12WatchRoutesRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x03\x12\x12\n\nwatcher_id\x18\x02 \x01(\t\"\xb7\x01\n\x11\x41utoscalingStatus\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\x05\x12\x18\n\x10ongoing_requests\x18\x03 \x01(\x02\x12\x15\n\rheld_requests\x18\x04 \x01(\x05\x12\x16\n\x0elast_direction\x18\x05 \x01(\t\x12\x13\n\x0blast_reason\x18\x06 \x01(\t\x12\x18\n\x10last_change_unix\x18\x07 \x01(\x01\"\xc3\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftarget_replicas\x18\x02 \x01(\x05\x12\x18\n\x10running_replicas\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x14\n\x0cmodel_source\x18\x05 \x01(\t\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x36\n\x0b\x61utoscaling\x18\x07 \x01(\x0b\x32!.mss.controller.AutoscalingStatus\"`\n\nNodeStatus\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.mss.controller.NodeInfo\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x1b\n\x13last_heartbeat_unix\x18\x03 \x01(\x01\"[\n\x0bReplicaView\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.mss.controller.ReplicaStatus\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04keep\x18\x03 \x01(\x08\"\x0f\n\rStatusRequest\"\xba\x01\n\x0eStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.mss.controller.NodeStatus\x12\x35\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32 .mss.controller.DeploymentStatus\x12-\n\x08replicas\x18\x03 \x03(\x0b\x32\x1b.mss.controller.ReplicaView\x12\x17\n\x0frouting_version\x18\x04 \x01(\x03\"4\n\x0cScaleRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"E\n\rScaleResponse\x12\x34\n\ndeployment\x18\x01 \x01(\x0b\x32 .mss.controller.DeploymentStatus\"u\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0c\n\x04held\x18\x04 \x01(\x05\x12\x12\n\nttft_p95_s\x18\x05 \x01(\x02\x12\x14\n\x0cttft_samples\x18\x06 \x01(\x05\"R\n\x11ReportLoadRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.mss.controller.ModelLoad\"-\n\x12ReportLoadResponse\x12\x17\n\x0f\x65xpires_after_s\x18\x01 \x01(\x02\")\n\x12\x41pplyConfigRequest\x12\x13\n\x0b\x63onfig_text\x18\x01 \x01(\t\"L\n\x13\x41pplyConfigResponse\x12\x35\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32 .mss.controller.DeploymentStatus*r\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08STARTING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tUNHEALTHY\x10\x03\x12\x0c\n\x08STOPPING\x10\x04\x12\x0b\n\x07STOPPED\x10\x05\x32\xc8\x04\n\nController\x12Y\n\x0cRegisterNode\x12#.mss.controller.RegisterNodeRequest\x1a$.mss.controller.RegisterNodeResponse\x12P\n\tHeartbeat\x12 .mss.controller.HeartbeatRequest\x1a!.mss.controller.HeartbeatResponse\x12Q\n\x0bWatchRoutes\x12\".mss.controller.WatchRoutesRequest\x1a\x1c.mss.controller.RoutingTable0\x01\x12S\n\nReportLoad\x12!.mss.controller.ReportLoadRequest\x1a\".mss.controller.ReportLoadResponse\x12G\n\x06Status\x12\x1d.mss.controller.StatusRequest\x1a\x1e.mss.controller.StatusResponse\x12\x44\n\x05Scale\x12\x1c.mss.controller.ScaleRequest\x1a\x1d.mss.controller.ScaleResponse\x12V\n\x0b\x41pplyConfig\x12\".mss.controller.ApplyConfigRequest\x1a#.mss.controller.ApplyConfigResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/controller.proto\x12\x0emss.controller\"r\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x02\x12\x12\n\nmemory_gib\x18\x04 \x01(\x02\x12\x0c\n\x04gpus\x18\x05 \x01(\x05\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"G\n\x0bReplicaLoad\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\"\xe9\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.mss.controller.ReplicaState\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x10\n\x08restarts\x18\x07 \x01(\x05\x12)\n\x04load\x18\x08 \x01(\x0b\x32\x1b.mss.controller.ReplicaLoad\x12\x0f\n\x07message\x18\t \x01(\t\"{\n\x11ReplicaAssignment\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65ployment_json\x18\x03 \x01(\t\x12\x0c\n\x04keep\x18\x04 \x01(\x08\x12\x17\n\x0f\x64rain_timeout_s\x18\x05 \x01(\x02\"n\n\x13RegisterNodeRequest\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.mss.controller.NodeInfo\x12/\n\x08replicas\x18\x02 \x03(\x0b\x32\x1d.mss.controller.ReplicaStatus\"l\n\x14RegisterNodeResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x02\x12\x36\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32!.mss.controller.ReplicaAssignment\"T\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12/\n\x08replicas\x18\x02 \x03(\x0b\x32\x1d.mss.controller.ReplicaStatus\"Z\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x36\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32!.mss.controller.ReplicaAssignment\"V\n\x05Route\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\"\x8a\x02\n\x0bModelRoutes\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\x05\x12\x11\n\tmax_queue\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12%\n\x06routes\x18\x06 \x03(\x0b\x32\x15.mss.controller.Route\x12\x12\n\nautoscaled\x18\x07 \x01(\x08\x12\x1c\n\x14\x63old_start_timeout_s\x18\x08 \x01(\x02\x12\x13\n\x0bunavailable\x18\t \x01(\t\x12\x1c\n\x14response_cache_ttl_s\x18\n \x01(\x02\x12\x10\n\x08\x63oalesce\x18\x0b \x01(\x08\"L\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12+\n\x06models\x18\x02 \x03(\x0b\x32\x1b.mss.controller.ModelRoutes\"?\n\x12WatchRoutesRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x03\x12\x12\n\nwatcher_id\x18\x02 \x01(\t\"\xb7\x01\n\x11\x41utoscalingStatus\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\x05\x12\x18\n\x10ongoing_requests\x18\x03 \x01(\x02\x12\x15\n\rheld_requests\x18\x04 \x01(\x05\x12\x16\n\x0elast_direction\x18\x05 \x01(\t\x12\x13\n\x0blast_reason\x18\x06 \x01(\t\x12\x18\n\x10last_change_unix\x18\x07 \x01(\x01\"\xc3\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftarget_replicas\x18\x02 \x01(\x05\x12\x18\n\x10running_replicas\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x14\n\x0cmodel_source\x18\x05 \x01(\t\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12\x36\n\x0b\x61utoscaling\x18\x07 \x01(\x0b\x32!.mss.controller.AutoscalingStatus\"`\n\nNodeStatus\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.mss.controller.NodeInfo\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x1b\n\x13last_heartbeat_unix\x18\x03 \x01(\x01\"[\n\x0bReplicaView\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.mss.controller.ReplicaStatus\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04keep\x18\x03 \x01(\x08\"\x0f\n\rStatusRequest\"\xba\x01\n\x0eStatusResponse\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.mss.controller.NodeStatus\x12\x35\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32 .mss.controller.DeploymentStatus\x12-\n\x08replicas\x18\x03 \x03(\x0b\x32\x1b.mss.controller.ReplicaView\x12\x17\n\x0frouting_version\x18\x04 \x01(\x03\"4\n\x0cScaleRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\"E\n\rScaleResponse\x12\x34\n\ndeployment\x18\x01 \x01(\x0b\x32 .mss.controller.DeploymentStatus\"u\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x0e\n\x06queued\x18\x03 \x01(\x05\x12\x0c\n\x04held\x18\x04 \x01(\x05\x12\x12\n\nttft_p95_s\x18\x05 \x01(\x02\x12\x14\n\x0cttft_samples\x18\x06 \x01(\x05\"R\n\x11ReportLoadRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.mss.controller.ModelLoad\"-\n\x12ReportLoadResponse\x12\x17\n\x0f\x65xpires_after_s\x18\x01 \x01(\x02\")\n\x12\x41pplyConfigRequest\x12\x13\n\x0b\x63onfig_text\x18\x01 \x01(\t\"L\n\x13\x41pplyConfigResponse\x12\x35\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32 .mss.controller.DeploymentStatus*r\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08STARTING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tUNHEALTHY\x10\x03\x12\x0c\n\x08STOPPING\x10\x04\x12\x0b\n\x07STOPPED\x10\x05\x32\xc8\x04\n\nController\x12Y\n\x0cRegisterNode\x12#.mss.controller.RegisterNodeRequest\x1a$.mss.controller.RegisterNodeResponse\x12P\n\tHeartbeat\x12 .mss.controller.HeartbeatRequest\x1a!.mss.controller.HeartbeatResponse\x12Q\n\x0bWatchRoutes\x12\".mss.controller.WatchRoutesRequest\x1a\x1c.mss.controller.RoutingTable0\x01\x12S\n\nReportLoad\x12!.mss.controller.ReportLoadRequest\x1a\".mss.controller.ReportLoadResponse\x12G\n\x06Status\x12\x1d.mss.controller.StatusRequest\x1a\x1e.mss.controller.StatusResponse\x12\x44\n\x05Scale\x12\x1c.mss.controller.ScaleRequest\x1a\x1d.mss.controller.ScaleResponse\x12V\n\x0b\x41pplyConfig\x12\".mss.controller.ApplyConfigRequest\x1a#.mss.controller.ApplyConfigResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPLICASTATE']._serialized_start=2722
-  _globals['_REPLICASTATE']._serialized_end=2836
+  _globals['_REPLICASTATE']._serialized_start=2770
+  _globals['_REPLICASTATE']._serialized_end=2884
   _globals['_NODEINFO']._serialized_start=43
   _globals['_NODEINFO']._serialized_end=157
   _globals['_REPLICALOAD']._serialized_start=159
@@ -52,37 +52,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE']._serialized_start=993
   _globals['_ROUTE']._serialized_end=1079
   _globals['_MODELROUTES']._serialized_start=1082
-  _globals['_MODELROUTES']._serialized_end=1300
-  _globals['_ROUTINGTABLE']._serialized_start=1302
-  _globals['_ROUTINGTABLE']._serialized_end=1378
-  _globals['_WATCHROUTESREQUEST']._serialized_start=1380
-  _globals['_WATCHROUTESREQUEST']._serialized_end=1443
-  _globals['_AUTOSCALINGSTATUS']._serialized_start=1446
-  _globals['_AUTOSCALINGSTATUS']._serialized_end=1629
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=1632
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=1827
-  _globals['_NODESTATUS']._serialized_start=1829
-  _globals['_NODESTATUS']._serialized_end=1925
-  _globals['_REPLICAVIEW']._serialized_start=1927
-  _globals['_REPLICAVIEW']._serialized_end=2018
-  _globals['_STATUSREQUEST']._serialized_start=2020
-  _globals['_STATUSREQUEST']._serialized_end=2035
-  _globals['_STATUSRESPONSE']._serialized_start=2038
-  _globals['_STATUSRESPONSE']._serialized_end=2224
-  _globals['_SCALEREQUEST']._serialized_start=2226
-  _globals['_SCALEREQUEST']._serialized_end=2278
-  _globals['_SCALERESPONSE']._serialized_start=2280
-  _globals['_SCALERESPONSE']._serialized_end=2349
-  _globals['_MODELLOAD']._serialized_start=2351
-  _globals['_MODELLOAD']._serialized_end=2468
-  _globals['_REPORTLOADREQUEST']._serialized_start=2470
-  _globals['_REPORTLOADREQUEST']._serialized_end=2552
-  _globals['_REPORTLOADRESPONSE']._serialized_start=2554
-  _globals['_REPORTLOADRESPONSE']._serialized_end=2599
-  _globals['_APPLYCONFIGREQUEST']._serialized_start=2601
-  _globals['_APPLYCONFIGREQUEST']._serialized_end=2642
-  _globals['_APPLYCONFIGRESPONSE']._serialized_start=2644
-  _globals['_APPLYCONFIGRESPONSE']._serialized_end=2720
-  _globals['_CONTROLLER']._serialized_start=2839
-  _globals['_CONTROLLER']._serialized_end=3423
+  _globals['_MODELROUTES']._serialized_end=1348
+  _globals['_ROUTINGTABLE']._serialized_start=1350
+  _globals['_ROUTINGTABLE']._serialized_end=1426
+  _globals['_WATCHROUTESREQUEST']._serialized_start=1428
+  _globals['_WATCHROUTESREQUEST']._serialized_end=1491
+  _globals['_AUTOSCALINGSTATUS']._serialized_start=1494
+  _globals['_AUTOSCALINGSTATUS']._serialized_end=1677
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=1680
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=1875
+  _globals['_NODESTATUS']._serialized_start=1877
+  _globals['_NODESTATUS']._serialized_end=1973
+  _globals['_REPLICAVIEW']._serialized_start=1975
+  _globals['_REPLICAVIEW']._serialized_end=2066
+  _globals['_STATUSREQUEST']._serialized_start=2068
+  _globals['_STATUSREQUEST']._serialized_end=2083
+  _globals['_STATUSRESPONSE']._serialized_start=2086
+  _globals['_STATUSRESPONSE']._serialized_end=2272
+  _globals['_SCALEREQUEST']._serialized_start=2274
+  _globals['_SCALEREQUEST']._serialized_end=2326
+  _globals['_SCALERESPONSE']._serialized_start=2328
+  _globals['_SCALERESPONSE']._serialized_end=2397
+  _globals['_MODELLOAD']._serialized_start=2399
+  _globals['_MODELLOAD']._serialized_end=2516
+  _globals['_REPORTLOADREQUEST']._serialized_start=2518
+  _globals['_REPORTLOADREQUEST']._serialized_end=2600
+  _globals['_REPORTLOADRESPONSE']._serialized_start=2602
+  _globals['_REPORTLOADRESPONSE']._serialized_end=2647
+  _globals['_APPLYCONFIGREQUEST']._serialized_start=2649
+  _globals['_APPLYCONFIGREQUEST']._serialized_end=2690
+  _globals['_APPLYCONFIGRESPONSE']._serialized_start=2692
+  _globals['_APPLYCONFIGRESPONSE']._serialized_end=2768
+  _globals['_CONTROLLER']._serialized_start=2887
+  _globals['_CONTROLLER']._serialized_end=3471
 # @@protoc_insertion_point(module_scope)

@@ -129,7 +129,7 @@ class Route(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ModelRoutes(_message.Message):
-    __slots__ = ("model", "strategy", "max_in_flight", "max_queue", "max_tokens", "routes", "autoscaled", "cold_start_timeout_s", "unavailable")
+    __slots__ = ("model", "strategy", "max_in_flight", "max_queue", "max_tokens", "routes", "autoscaled", "cold_start_timeout_s", "unavailable", "response_cache_ttl_s", "coalesce")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,8 @@ class ModelRoutes(_message.Message):
     AUTOSCALED_FIELD_NUMBER: _ClassVar[int]
     COLD_START_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_CACHE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     strategy: str
     max_in_flight: int
@@ -148,7 +150,9 @@ class ModelRoutes(_message.Message):
     autoscaled: bool
     cold_start_timeout_s: float
     unavailable: str
-    def __init__(self, model: _Optional[str] = ..., strategy: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_tokens: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., autoscaled: _Optional[bool] = ..., cold_start_timeout_s: _Optional[float] = ..., unavailable: _Optional[str] = ...) -> None: ...
+    response_cache_ttl_s: float
+    coalesce: bool
+    def __init__(self, model: _Optional[str] = ..., strategy: _Optional[str] = ..., max_in_flight: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_tokens: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., autoscaled: _Optional[bool] = ..., cold_start_timeout_s: _Optional[float] = ..., unavailable: _Optional[str] = ..., response_cache_ttl_s: _Optional[float] = ..., coalesce: _Optional[bool] = ...) -> None: ...
 
 class RoutingTable(_message.Message):
     __slots__ = ("version", "models")
