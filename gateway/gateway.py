@@ -116,6 +116,7 @@ class Gateway:
             replica_streams=options.replica_streams,
             failure_threshold=self.settings.replica_failure_threshold,
             client_factory=functools.partial(ReplicaClient, creds=self.creds),
+            prefix_routing=self.settings.prefix_routing,
         )
         self.generation = GenerationService(
             retries=self.settings.retries,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,8 @@ class Lease:
     """Seconds spent waiting for a replica to move to."""
     exclude: set[str] = field(default_factory=set)
     """Replicas that failed this request."""
+    blocks: Sequence[int] = ()
+    """The prompt's block hashes, for a strategy that routes by them (`ModelRouter.pick`)."""
 
     def release(self) -> bool:
         """Give the request's replica slot back; True when it had not ended (an abort)."""
@@ -238,7 +241,11 @@ def _host(client: ReplicaClient) -> str:
 
 
 def _pick_elsewhere(
-    router: ModelRouter, key: str | None, avoid: set[str], failed: set[str]
+    router: ModelRouter,
+    key: str | None,
+    avoid: set[str],
+    failed: set[str],
+    blocks: Sequence[int] = (),
 ) -> ReplicaClient | None:
     """A replica for a request that `failed` replicas could not serve, on another host than
     theirs while one has room, else any not in `avoid`.
@@ -248,10 +255,10 @@ def _pick_elsewhere(
     neighbour of the first would stall a second time.
     """
     if not failed:
-        return router.pick(key, avoid)
+        return router.pick(key, avoid, blocks)
     hosts = {_host(c) for rid in failed if (c := router.clients.get(rid)) is not None}
     neighbours = {rid for rid, c in router.clients.items() if _host(c) in hosts}
-    return router.pick(key, avoid | neighbours) or router.pick(key, avoid)
+    return router.pick(key, avoid | neighbours, blocks) or router.pick(key, avoid, blocks)
 
 
 def _dropped_while_writing(flow: Flow) -> bool:
@@ -317,8 +324,9 @@ class GenerationService:
                 req = build_request(inp, fmt.request_id, request.max_tokens)
                 # Only a stop string makes a replica hold text back from its deltas.
                 output = Output(count_text=bool(inp.sampling.stop)) if migratable(inp) else None
-                client, sink = await self._first(router, req, inp.session_key, flow, output)
-                lease = Lease(client, sink, req, output, inp.session_key)
+                blocks = router.prompt_blocks(inp)
+                client, sink = await self._first(router, req, inp.session_key, flow, output, blocks)
+                lease = Lease(client, sink, req, output, inp.session_key, blocks=blocks)
                 flow.charge = request.max_tokens * max(1, inp.sampling.n)
                 try:
                     if not inp.stream:
@@ -376,17 +384,19 @@ class GenerationService:
         key: str | None,
         flow: Flow,
         output: Output | None,
+        blocks: Sequence[int] = (),
     ) -> tuple[ReplicaClient, RequestSink]:
         """Submit to a replica and wait for its first output, retrying failures elsewhere.
 
-        `output`, when the request may migrate, records what the chosen replica produces.
+        `output`, when the request may migrate, records what the chosen replica produces;
+        `blocks` are the prompt's block hashes for the strategy (`ModelRouter.prompt_blocks`).
         """
         loop = asyncio.get_running_loop()
         base_id = req.request_id
         exclude: set[str] = set()
         failure: tuple[int, str] | None = None
         for attempt in range(self.retries + 1):
-            client = _pick_elsewhere(router, key, exclude, exclude)
+            client = _pick_elsewhere(router, key, exclude, exclude, blocks)
             if client is None:
                 break
             if attempt:
@@ -459,7 +469,9 @@ class GenerationService:
         # A replica that failed this request is skipped until it is back in rotation
         # with a clean record (a restarted replica may serve the rest).
         key, failed_ids = lease.session_key, lease.exclude
-        client = _pick_elsewhere(router, key, _still_failing(router, failed_ids), failed_ids)
+        client = _pick_elsewhere(
+            router, key, _still_failing(router, failed_ids), failed_ids, lease.blocks
+        )
         while client is None:
             if flow.gone:
                 raise ClientGone
@@ -468,7 +480,9 @@ class GenerationService:
                 log.warning("no replica to continue on within %.0f s", MIGRATION_WAIT_S)
                 return False
             await asyncio.sleep(MIGRATION_POLL_S)
-            client = _pick_elsewhere(router, key, _still_failing(router, failed_ids), failed_ids)
+            client = _pick_elsewhere(
+                router, key, _still_failing(router, failed_ids), failed_ids, lease.blocks
+            )
         lease.waited += loop.time() - started
         lease.migrations += 1
         base = lease.request.request_id
