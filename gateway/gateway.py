@@ -117,6 +117,7 @@ class Gateway:
             replica_streams=options.replica_streams,
             failure_threshold=self.settings.replica_failure_threshold,
             client_factory=functools.partial(ReplicaClient, creds=self.creds),
+            prefix_routing=self.settings.prefix_routing,
         )
         self.response_cache = ResponseCache(self.settings.response_cache)
         self.generation = GenerationService(

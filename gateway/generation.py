@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +197,8 @@ class Lease:
     """Seconds spent waiting for a replica to move to."""
     exclude: set[str] = field(default_factory=set)
     """Replicas that failed this request."""
+    blocks: Sequence[int] = ()
+    """The prompt's block hashes, for a strategy that routes by them (`ModelRouter.pick`)."""
 
     def release(self) -> bool:
         """Give the request's replica slot back; True when it had not ended (an abort)."""
@@ -266,7 +268,11 @@ def _host(client: ReplicaClient) -> str:
 
 
 def _pick_elsewhere(
-    router: ModelRouter, key: str | None, avoid: set[str], failed: set[str]
+    router: ModelRouter,
+    key: str | None,
+    avoid: set[str],
+    failed: set[str],
+    blocks: Sequence[int] = (),
 ) -> ReplicaClient | None:
     """A replica for a request that `failed` replicas could not serve, on another host than
     theirs while one has room, else any not in `avoid`.
@@ -276,10 +282,10 @@ def _pick_elsewhere(
     neighbour of the first would stall a second time.
     """
     if not failed:
-        return router.pick(key, avoid)
+        return router.pick(key, avoid, blocks)
     hosts = {_host(c) for rid in failed if (c := router.clients.get(rid)) is not None}
     neighbours = {rid for rid, c in router.clients.items() if _host(c) in hosts}
-    return router.pick(key, avoid | neighbours) or router.pick(key, avoid)
+    return router.pick(key, avoid | neighbours, blocks) or router.pick(key, avoid, blocks)
 
 
 def _dropped_while_writing(flow: Flow) -> bool:
@@ -353,8 +359,9 @@ class GenerationService:
             await self._admit(router.admission, flow)
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
-                client, sink = await self._first(router, req, inp.session_key, flow, output)
-                lease = Lease(client, sink, req, output, inp.session_key)
+                blocks = router.prompt_blocks(inp)
+                client, sink = await self._first(router, req, inp.session_key, flow, output, blocks)
+                lease = Lease(client, sink, req, output, inp.session_key, blocks=blocks)
                 flow.charge = request_charge(req)
                 try:
                     serve = self._server(inp, fmt)
@@ -453,6 +460,7 @@ class GenerationService:
             req,
             key=key,
             session_key=shared.inp.session_key,
+            blocks=router.prompt_blocks(shared.inp),
             output=shared.output,
             on_done=done,
             store=store,
@@ -496,17 +504,19 @@ class GenerationService:
         key: str | None,
         flow: Flow,
         output: Output | None,
+        blocks: Sequence[int] = (),
     ) -> tuple[ReplicaClient, RequestSink]:
         """Submit to a replica and wait for its first output, retrying failures elsewhere.
 
-        `output`, when the request may migrate, records what the chosen replica produces.
+        `output`, when the request may migrate, records what the chosen replica produces;
+        `blocks` are the prompt's block hashes for the strategy (`ModelRouter.prompt_blocks`).
         """
         loop = asyncio.get_running_loop()
         base_id = req.request_id
         exclude: set[str] = set()
         failure: tuple[int, str] | None = None
         for attempt in range(self.retries + 1):
-            client = _pick_elsewhere(router, key, exclude, exclude)
+            client = _pick_elsewhere(router, key, exclude, exclude, blocks)
             if client is None:
                 break
             if attempt:
@@ -579,7 +589,9 @@ class GenerationService:
         # A replica that failed this request is skipped until it is back in rotation
         # with a clean record (a restarted replica may serve the rest).
         key, failed_ids = lease.session_key, lease.exclude
-        client = _pick_elsewhere(router, key, _still_failing(router, failed_ids), failed_ids)
+        client = _pick_elsewhere(
+            router, key, _still_failing(router, failed_ids), failed_ids, lease.blocks
+        )
         while client is None:
             if flow.gone:
                 raise ClientGone
@@ -588,7 +600,9 @@ class GenerationService:
                 log.warning("no replica to continue on within %.0f s", MIGRATION_WAIT_S)
                 return False
             await asyncio.sleep(MIGRATION_POLL_S)
-            client = _pick_elsewhere(router, key, _still_failing(router, failed_ids), failed_ids)
+            client = _pick_elsewhere(
+                router, key, _still_failing(router, failed_ids), failed_ids, lease.blocks
+            )
         lease.waited += loop.time() - started
         lease.migrations += 1
         base = lease.request.request_id

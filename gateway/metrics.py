@@ -29,8 +29,11 @@ from prometheus_client import (
 )
 
 from gateway.rate_limits import LIMIT_KINDS
+from gateway.routing.prefix_aware import REASONS as PREFIX_REASONS
+from gateway.routing.prefix_aware import DecisionHook
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -132,6 +135,18 @@ ROUTING = Counter(
     "mss_gateway_routing_decisions",
     "Replica choices, by strategy.",
     ["model", "replica", "strategy"],
+)
+PREFIX_ROUTING = Counter(
+    "mss_gateway_prefix_routing",
+    "prefix_aware choices, by reason (match|imbalanced|no_match).",
+    ["model", "reason"],
+)
+PREFIX_MATCH = Histogram(
+    "mss_gateway_prefix_match_ratio",
+    "Fraction of a request's prompt blocks the best-matching replica was sent before "
+    "(prefix_aware choices not decided by load alone).",
+    ["model"],
+    buckets=RATIO_BUCKETS,
 )
 REPLICA_RUNNING = Gauge(
     "mss_gateway_replica_running",
@@ -287,6 +302,19 @@ def for_key(key_id: str) -> KeyMetrics:
         )
         _keys[key_id] = found
     return found
+
+
+def prefix_routing_hook(model: str) -> DecisionHook:
+    """What `PrefixAware.on_decision` calls for `model`: children bound once, no label lookups."""
+    counters = {reason: PREFIX_ROUTING.labels(model, reason) for reason in PREFIX_REASONS}
+    ratio = PREFIX_MATCH.labels(model)
+
+    def hook(reason: str, fraction: float | None) -> None:
+        counters[reason].inc()
+        if fraction is not None:
+            ratio.observe(fraction)
+
+    return hook
 
 
 _request_counters: dict[tuple[str, str, int], Counter] = {}

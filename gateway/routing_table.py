@@ -17,15 +17,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import Counter
 
 from gateway import metrics
 from gateway.admission import ModelAdmission
+from gateway.api_models import GenerationInput
+from gateway.prefix_index import prompt_blocks
 from gateway.replica_client import ReplicaClient
-from gateway.routing import DEFAULT_STRATEGY, STRATEGIES, ReplicaStats, Strategy, make_strategy
-from mss.config import ClusterConfig, Deployment, Limits
+from gateway.routing import (
+    DEFAULT_STRATEGY,
+    STRATEGIES,
+    PrefixAware,
+    ReplicaStats,
+    Strategy,
+    make_strategy,
+)
+from mss.config import ClusterConfig, Deployment, Limits, PrefixRouting
 from protos import controller_pb2
 
 log = logging.getLogger(__name__)
@@ -37,10 +46,13 @@ REMOVED_REPLICA_GRACE_S = 300.0
 class ModelRouter:
     """One model at this gateway: admission bounds, strategy and replica clients."""
 
-    def __init__(self, name: str, strategy: str) -> None:
+    def __init__(
+        self, name: str, strategy: str, prefix_routing: PrefixRouting | None = None
+    ) -> None:
         self.name = name
+        self.prefix_routing = prefix_routing or PrefixRouting()
         self.strategy_name = strategy
-        self.strategy: Strategy = make_strategy(strategy)
+        self.strategy: Strategy = self._make_strategy(strategy)
         self.admission = ModelAdmission(name, 1, 0)
         self.max_tokens = Limits().max_tokens
         self.clients: dict[str, ReplicaClient] = {}
@@ -62,9 +74,34 @@ class ModelRouter:
         self.candidates = [c.stats for c in clients.values()]
         self.strategy.replicas_changed(self.candidates)
 
-    def pick(self, key: str | None, exclude: set[str]) -> ReplicaClient | None:
-        """The replica for the next attempt of a request, or None when none can take it."""
-        stats = self.strategy.choose(self.candidates, key, exclude)
+    def _make_strategy(self, name: str) -> Strategy:
+        strategy = make_strategy(name, prefix_routing=self.prefix_routing)
+        if isinstance(strategy, PrefixAware):
+            strategy.on_decision = metrics.prefix_routing_hook(self.name)
+        return strategy
+
+    def use_strategy(self, name: str) -> None:
+        """Route with a new strategy called `name`, told the current replicas."""
+        self.strategy = self._make_strategy(name)
+        self.strategy_name = name
+        self.strategy.replicas_changed(self.candidates)
+        self.forget_decision_counters()
+
+    def prompt_blocks(self, inp: GenerationInput) -> Sequence[int]:
+        """The prompt's block hashes when the strategy routes by them, else () at no cost.
+
+        Computed once per request and passed to each `pick` for it.
+        """
+        if not self.strategy.wants_blocks:
+            return ()
+        return prompt_blocks(inp, self.prefix_routing.block_chars)
+
+    def pick(
+        self, key: str | None, exclude: set[str], blocks: Sequence[int] = ()
+    ) -> ReplicaClient | None:
+        """The replica for the next attempt of a request, or None when none can take it;
+        `blocks` are the request's `prompt_blocks`."""
+        stats = self.strategy.choose(self.candidates, key, exclude, blocks)
         if stats is None:
             return None
         rid = stats.replica_id
@@ -104,6 +141,7 @@ class RoutingTable:
         replica_streams: int = 1,
         failure_threshold: int = 3,
         client_factory: Callable[..., ReplicaClient] = ReplicaClient,
+        prefix_routing: PrefixRouting | None = None,
     ) -> None:
         self.version = 0
         self.models: dict[str, ModelRouter] = {}
@@ -111,6 +149,8 @@ class RoutingTable:
         self.replica_streams = replica_streams
         self.failure_threshold = failure_threshold
         self._client_factory = client_factory
+        self.prefix_routing = prefix_routing or PrefixRouting()
+        """The gateway's `prefix_aware` settings, for every model that routes so."""
         self._closing: set[asyncio.Task[None]] = set()
 
     def ready(self) -> bool:
@@ -152,13 +192,10 @@ class RoutingTable:
             )
             strategy = DEFAULT_STRATEGY
         if router is None:
-            router = ModelRouter(routes.model, strategy)
+            router = ModelRouter(routes.model, strategy, self.prefix_routing)
             self.models[routes.model] = router
         elif router.strategy_name != strategy:
-            router.strategy = make_strategy(strategy)
-            router.strategy_name = strategy
-            router.strategy.replicas_changed(router.candidates)
-            router.forget_decision_counters()
+            router.use_strategy(strategy)
         # Bounds are per gateway; several worker processes share them.
         max_in_flight = math.ceil((routes.max_in_flight or defaults.max_in_flight) / self.workers)
         max_queue = math.ceil((routes.max_queue or defaults.max_queue) / self.workers)

@@ -124,6 +124,7 @@ class SharedGeneration:
         *,
         key: bytes,
         session_key: str | None,
+        blocks: Sequence[int],
         output: Output | None,
         on_done: Callable[[SharedGeneration], None],
         store: Callable[[list[replica_pb2.RequestDelta]], Awaitable[Any]] | None,
@@ -139,6 +140,7 @@ class SharedGeneration:
         self.finished = False
         self._service = service
         self._session_key = session_key
+        self._blocks = blocks
         self._output = output
         self._on_done = on_done
         self._store = store
@@ -192,9 +194,11 @@ class SharedGeneration:
             await router.admission.acquire()
             try:
                 client, sink = await service._first(
-                    router, self.request, self._session_key, flow, self._output
+                    router, self.request, self._session_key, flow, self._output, self._blocks
                 )
-                lease = Lease(client, sink, self.request, self._output, self._session_key)
+                lease = Lease(
+                    client, sink, self.request, self._output, self._session_key, blocks=self._blocks
+                )
                 ended_well = await self._forward(lease, flow)
             finally:
                 if lease is not None and lease.release():

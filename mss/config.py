@@ -335,6 +335,31 @@ class ResponseCacheStore(StrictModel):
         return self
 
 
+class PrefixRouting(StrictModel):
+    """The `prefix_aware` strategy's index and thresholds (`gateway/routing/prefix_aware.py`).
+
+    Each gateway process keeps its own approximate index of the prompt prefixes
+    it sent to each replica, and sends a request to the replica that holds the
+    longest one, unless the load is too uneven.
+    """
+
+    block_chars: int = Field(128, ge=16, le=65_536)
+    """Characters of the rendered prompt per hashed block (token-id prompts: a quarter as many
+    ids); only whole blocks count, so a prompt shorter than this never matches."""
+    balance_abs_threshold: int = Field(8, ge=0, le=1_000_000)
+    """The load (this gateway's in-flight requests plus the replica's reported waiting ones)
+    counts as uneven when the most and least loaded eligible replicas differ by more than this..."""
+    balance_rel_threshold: float = Field(1.5, ge=1.0, le=1000.0)
+    """...and the most loaded has more than this many times the least's load; then the least
+    loaded replica is chosen, whatever it holds."""
+    min_match_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Fraction of a request's blocks the best replica must hold for the match to decide;
+    below it the least loaded replica is chosen."""
+    max_index_entries: int = Field(200_000, ge=1, le=100_000_000)
+    """(block, replica) pairs each model's index keeps, least recently sent evicted first
+    (about 185 bytes each; at 128 characters a block, 200,000 pairs remember 25 M characters)."""
+
+
 class GatewaySettings(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -382,6 +407,8 @@ class GatewaySettings(StrictModel):
     process's open-file limit (`ulimit -n`), which also counts replica channels and logs."""
     response_cache: ResponseCacheStore = Field(default_factory=ResponseCacheStore)
     """Where cached responses are kept; each deployment says whether it is cached."""
+    prefix_routing: PrefixRouting = Field(default_factory=PrefixRouting)
+    """Settings of the `prefix_aware` routing strategy (unused by the others)."""
 
 
 class SecuritySettings(StrictModel):

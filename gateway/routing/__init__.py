@@ -3,17 +3,19 @@
 - `strategy`: the `Strategy` interface and `ReplicaStats`, what every strategy sees.
 - one module per strategy: `round_robin`, `random_choice` (`random`),
   `least_connections`, `least_latency`, `least_loaded`, `power_of_two`,
-  `session_affinity`.
+  `session_affinity`, `prefix_aware` (its index is `gateway.prefix_index`).
 - `registry`: the names, `make_strategy`, `STRATEGIES`, `DEFAULT_STRATEGY`.
 
 Nothing here imports the gateway app or `mss.config` (which imports the
-registry to validate `Deployment.routing`), so there is no import cycle.
+registry to validate `Deployment.routing`) at import time, so there is no
+import cycle.
 """
 
 from gateway.routing.least_connections import LeastConnections
 from gateway.routing.least_latency import LeastLatency
 from gateway.routing.least_loaded import LeastLoaded
 from gateway.routing.power_of_two import PowerOfTwo
+from gateway.routing.prefix_aware import PrefixAware
 from gateway.routing.random_choice import Random
 from gateway.routing.registry import DEFAULT_STRATEGY, STRATEGIES, make_strategy
 from gateway.routing.round_robin import RoundRobin
@@ -29,6 +31,7 @@ __all__ = [
     "LeastLatency",
     "LeastLoaded",
     "PowerOfTwo",
+    "PrefixAware",
     "Random",
     "ReplicaStats",
     "RoundRobin",

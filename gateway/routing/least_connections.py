@@ -17,6 +17,7 @@ class LeastConnections(Strategy):
         candidates: Sequence[ReplicaStats],
         key: str | None = None,
         exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
     ) -> ReplicaStats | None:
         pool = eligible(candidates, exclude)
         if not pool:

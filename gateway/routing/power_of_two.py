@@ -21,6 +21,7 @@ class PowerOfTwo(Strategy):
         candidates: Sequence[ReplicaStats],
         key: str | None = None,
         exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
     ) -> ReplicaStats | None:
         pool = eligible(candidates, exclude)
         if len(pool) <= 1:

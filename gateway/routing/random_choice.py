@@ -20,6 +20,7 @@ class Random(Strategy):
         candidates: Sequence[ReplicaStats],
         key: str | None = None,
         exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
     ) -> ReplicaStats | None:
         pool = eligible(candidates, exclude)
         return self.rng.choice(pool) if pool else None

@@ -8,15 +8,20 @@ A new strategy is one module with a `Strategy` subclass and one line in
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 from gateway.routing.least_connections import LeastConnections
 from gateway.routing.least_latency import LeastLatency
 from gateway.routing.least_loaded import LeastLoaded
 from gateway.routing.power_of_two import PowerOfTwo
+from gateway.routing.prefix_aware import PrefixAware
 from gateway.routing.random_choice import Random
 from gateway.routing.round_robin import RoundRobin
 from gateway.routing.session_affinity import SessionAffinity
 from gateway.routing.strategy import Strategy
+
+if TYPE_CHECKING:
+    from mss.config import PrefixRouting
 
 _CLASSES: dict[str, type[Strategy]] = {
     cls.name: cls
@@ -28,6 +33,7 @@ _CLASSES: dict[str, type[Strategy]] = {
         LeastLoaded,
         PowerOfTwo,
         SessionAffinity,
+        PrefixAware,
     )
 }
 STRATEGIES: tuple[str, ...] = tuple(_CLASSES)
@@ -36,11 +42,19 @@ DEFAULT_STRATEGY = LeastLoaded.name
 """What a deployment that names no strategy gets."""
 
 
-def make_strategy(name: str, rng: random.Random | None = None) -> Strategy:
-    """The strategy called `name`; an empty name gives the default (least_loaded)."""
+def make_strategy(
+    name: str, rng: random.Random | None = None, prefix_routing: PrefixRouting | None = None
+) -> Strategy:
+    """The strategy called `name`; an empty name gives the default (least_loaded).
+
+    `prefix_routing` is the gateway's settings for `prefix_aware` (its defaults when None);
+    the other strategies take no settings.
+    """
     cls = _CLASSES.get(name or DEFAULT_STRATEGY)
     if cls is None:
         raise ValueError(
             f"unknown routing strategy {name!r}; expected one of {', '.join(STRATEGIES)}"
         )
+    if cls is PrefixAware:
+        return PrefixAware(rng, prefix_routing)
     return cls(rng)

@@ -23,6 +23,7 @@ class RoundRobin(Strategy):
         candidates: Sequence[ReplicaStats],
         key: str | None = None,
         exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
     ) -> ReplicaStats | None:
         n = len(candidates)
         if n == 0:

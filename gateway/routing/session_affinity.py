@@ -53,6 +53,7 @@ class SessionAffinity(Strategy):
         candidates: Sequence[ReplicaStats],
         key: str | None = None,
         exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
     ) -> ReplicaStats | None:
         if not key:
             return self._fallback.choose(candidates, None, exclude)

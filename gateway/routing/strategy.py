@@ -80,6 +80,8 @@ class Strategy:
 
     name = ""
     """The name configs and routing tables use; unique within the registry."""
+    wants_blocks = False
+    """Whether `choose` uses the prompt's block hashes; the gateway computes them only then."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
@@ -89,8 +91,10 @@ class Strategy:
         candidates: Sequence[ReplicaStats],
         key: str | None = None,
         exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
     ) -> ReplicaStats | None:
-        """An eligible replica not in `exclude`, or None; `key` is the session key, if any."""
+        """An eligible replica not in `exclude`, or None; `key` is the session key, if any,
+        `blocks` the prompt's block hashes (`gateway.prefix_index`) when `wants_blocks`."""
         raise NotImplementedError
 
     def replicas_changed(self, candidates: Sequence[ReplicaStats]) -> None:

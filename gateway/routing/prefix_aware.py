@@ -1,0 +1,114 @@
+"""`prefix_aware`: the replica that was sent the longest prefix of the prompt, unless the
+load is uneven.
+
+Like SGLang's cache-aware router and Ray Serve's PrefixCacheAffinityRouter: a
+request whose prompt starts like one a replica was sent recently (the same
+system prompt, tools or few-shot examples, an earlier turn of the same
+conversation) goes to that replica, whose prefix cache likely still holds
+the prompt's keys and values, so it skips their prefill. Balance comes
+first: when the eligible replicas' loads are too far apart, or no replica
+holds enough of the prompt, the least loaded one takes the request.
+
+The index (`gateway.prefix_index.PrefixIndex`) is per model and per gateway
+process, updated as each request is dispatched; nothing is shared or
+persisted, so a new process starts cold and learns within a few requests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from gateway.prefix_index import PrefixIndex
+from gateway.routing.least_loaded import LeastLoaded
+from gateway.routing.strategy import NO_EXCLUDE, Exclude, ReplicaStats, Strategy, eligible
+
+if TYPE_CHECKING:
+    from mss.config import PrefixRouting
+
+REASONS = ("match", "imbalanced", "no_match")
+"""Why a replica was chosen: it held the longest prefix; the load was uneven (least loaded);
+no replica held enough of the prompt (least loaded)."""
+
+DecisionHook = Callable[[str, float | None], None]
+"""Called with each decision's reason and the best matched fraction of the prompt's blocks
+(None when the load decided before any matching)."""
+
+
+class PrefixAware(Strategy):
+    """Longest prefix match among the eligible replicas, least loaded when the load is uneven.
+
+    Load here is this gateway's in-flight requests on a replica plus the
+    waiting requests it reported. Ties between equally long matches, and
+    every fallback, go to `LeastLoaded`. The chosen replica is recorded with
+    the request's blocks, so the next request with that prefix follows it.
+    """
+
+    name = "prefix_aware"
+    wants_blocks = True
+
+    def __init__(
+        self, rng: random.Random | None = None, settings: PrefixRouting | None = None
+    ) -> None:
+        super().__init__(rng)
+        if settings is None:
+            # Imported here: mss.config imports the routing registry, which imports this module.
+            from mss.config import PrefixRouting
+
+            settings = PrefixRouting()
+        self.settings = settings
+        self.index = PrefixIndex(settings.max_index_entries)
+        self.on_decision: DecisionHook | None = None
+        """Set by the gateway to count decisions; strategies themselves export nothing."""
+        self._least_loaded = LeastLoaded(self.rng)
+
+    def replicas_changed(self, candidates: Sequence[ReplicaStats]) -> None:
+        present = {r.replica_id for r in candidates}
+        for replica_id in self.index.replica_ids - present:
+            self.index.remove_replica(replica_id)
+
+    def choose(
+        self,
+        candidates: Sequence[ReplicaStats],
+        key: str | None = None,
+        exclude: Exclude = NO_EXCLUDE,
+        blocks: Sequence[int] = (),
+    ) -> ReplicaStats | None:
+        pool = eligible(candidates, exclude)
+        shortlist, reason, fraction = self._shortlist(pool, blocks)
+        chosen = self._least_loaded.choose(shortlist)
+        if chosen is None:
+            return None
+        if blocks:
+            self.index.record(chosen.replica_id, blocks)
+        if self.on_decision is not None:
+            self.on_decision(reason, fraction)
+        return chosen
+
+    def _shortlist(
+        self, pool: list[ReplicaStats], blocks: Sequence[int]
+    ) -> tuple[list[ReplicaStats], str, float | None]:
+        """The replicas the least loaded is chosen from: those holding the longest prefix when
+        it decides, else the whole pool; with the reason and the best matched fraction."""
+        if self._imbalanced(pool):
+            return pool, "imbalanced", None
+        if not blocks or not pool:
+            return pool, "no_match", 0.0
+        matched = self.index.match(blocks, [r.replica_id for r in pool])
+        best = max(matched.values(), default=0)
+        fraction = best / len(blocks)
+        if best == 0 or fraction < self.settings.min_match_ratio:
+            return pool, "no_match", fraction
+        return [r for r in pool if matched.get(r.replica_id) == best], "match", fraction
+
+    def _imbalanced(self, pool: list[ReplicaStats]) -> bool:
+        if len(pool) < 2:
+            return False
+        loads = [r.in_flight + r.waiting for r in pool]
+        high, low = max(loads), min(loads)
+        settings = self.settings
+        return (
+            high - low > settings.balance_abs_threshold
+            and high > settings.balance_rel_threshold * low
+        )
