@@ -429,6 +429,7 @@ class DeploymentState:
                 and r.address
                 and self.node_manager.is_alive(r.node_id)
             ]
+            cache = spec.response_cache
             model = pb.ModelRoutes(
                 model=name,
                 strategy=spec.routing,
@@ -436,8 +437,8 @@ class DeploymentState:
                 max_queue=spec.limits.max_queue,
                 max_tokens=spec.limits.max_tokens,
                 routes=routes,
-                response_cache_ttl_s=spec.response_cache.ttl_s if spec.response_cache.enabled else 0,
-                coalesce=spec.response_cache.coalesce,
+                response_cache_ttl_s=cache.ttl_s if cache.enabled else 0,
+                coalesce=cache.coalesce,
             )
             if spec.autoscaling is not None:
                 model.autoscaled = True

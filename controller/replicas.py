@@ -23,14 +23,15 @@ from mss.replica_states import STARTING
 def spec_key(deployment: Deployment) -> str:
     """What a running replica depends on; a change means its replicas are replaced.
 
-    Routing, gateway admission limits, the replica count and its autoscaling
-    can change without restarting anything.
+    Routing, gateway admission limits, the response cache, the replica count and
+    its autoscaling can change without restarting anything.
     """
     return deployment.model_dump_json(
         exclude={
             "replicas": True,
             "autoscaling": True,
             "routing": True,
+            "response_cache": True,
             "limits": {"max_in_flight", "max_queue", "max_tokens"},
         }
     )

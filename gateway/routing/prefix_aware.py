@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.prefix_index import PrefixIndex
-from gateway.routing.least_loaded import LeastLoaded
 from gateway.routing.strategy import NO_EXCLUDE, Exclude, ReplicaStats, Strategy, eligible
 
 if TYPE_CHECKING:
@@ -40,8 +39,14 @@ class PrefixAware(Strategy):
     """Longest prefix match among the eligible replicas, least loaded when the load is uneven.
 
     Load here is this gateway's in-flight requests on a replica plus the
-    waiting requests it reported. Ties between equally long matches, and
-    every fallback, go to `LeastLoaded`. The chosen replica is recorded with
+    waiting requests it reported: the in-flight count is exact the moment a
+    request is sent, where the replica's own numbers arrive only with its next
+    output (none while it prefills a long prompt). Ties between equally long
+    matches, and every fallback, go to the lowest load, then the lowest
+    KV-cache use, then at random. (`least_loaded`'s score weighs requests
+    against a replica's admission capacity, hundreds, so KV-cache use decides
+    it at the loads a CPU replica runs; measured in docs/benchmarks.md, it
+    stacks long prefills on one replica.) The chosen replica is recorded with
     the request's blocks, so the next request with that prefix follows it.
     """
 
@@ -61,7 +66,6 @@ class PrefixAware(Strategy):
         self.index = PrefixIndex(settings.max_index_entries)
         self.on_decision: DecisionHook | None = None
         """Set by the gateway to count decisions; strategies themselves export nothing."""
-        self._least_loaded = LeastLoaded(self.rng)
 
     def replicas_changed(self, candidates: Sequence[ReplicaStats]) -> None:
         present = {r.replica_id for r in candidates}
@@ -77,7 +81,7 @@ class PrefixAware(Strategy):
     ) -> ReplicaStats | None:
         pool = eligible(candidates, exclude)
         shortlist, reason, fraction = self._shortlist(pool, blocks)
-        chosen = self._least_loaded.choose(shortlist)
+        chosen = self._least_busy(shortlist)
         if chosen is None:
             return None
         if blocks:
@@ -102,13 +106,27 @@ class PrefixAware(Strategy):
             return pool, "no_match", fraction
         return [r for r in pool if matched.get(r.replica_id) == best], "match", fraction
 
+    def _least_busy(self, pool: list[ReplicaStats]) -> ReplicaStats | None:
+        if len(pool) <= 1:
+            return pool[0] if pool else None
+        low = min(_load(r) for r in pool)
+        best = [r for r in pool if _load(r) == low]
+        if len(best) > 1:
+            kv = min(r.kv_cache_usage for r in best)
+            best = [r for r in best if r.kv_cache_usage == kv]
+        return best[0] if len(best) == 1 else self.rng.choice(best)
+
     def _imbalanced(self, pool: list[ReplicaStats]) -> bool:
         if len(pool) < 2:
             return False
-        loads = [r.in_flight + r.waiting for r in pool]
+        loads = [_load(r) for r in pool]
         high, low = max(loads), min(loads)
         settings = self.settings
         return (
             high - low > settings.balance_abs_threshold
             and high > settings.balance_rel_threshold * low
         )
+
+
+def _load(replica: ReplicaStats) -> int:
+    return replica.in_flight + replica.waiting

@@ -239,6 +239,15 @@ def test_routing_only_change_restarts_nothing() -> None:
     assert set(state.replicas) == ids
     model = state.routing_models()[0]
     assert model.strategy == "round_robin" and model.max_in_flight == 8
+    assert model.response_cache_ttl_s == 0 and not model.coalesce  # off unless asked
+
+    cache = {"enabled": True, "ttl_s": 60, "coalesce": True}
+    state.apply([fake(replicas=1, routing="prefix_aware", response_cache=cache)])
+    state.update()
+    assert set(state.replicas) == ids
+    model = state.routing_models()[0]
+    assert model.strategy == "prefix_aware"
+    assert model.response_cache_ttl_s == 60 and model.coalesce
 
 
 def test_lost_state_adopts_reported_replicas_and_trims_surplus() -> None:

@@ -425,3 +425,14 @@ async def test_requests_retries_and_migrations_route_with_the_prompts_blocks(
     # Both replicas the request ended on and the one that failed it hold the prompt; the
     # next request with the same system prompt goes to one of them.
     assert second[0] in first
+
+
+def test_the_fallback_counts_requests_before_kv_cache_use() -> None:
+    # The gateway's in-flight count is exact at once; a replica busy prefilling reports
+    # nothing new, so its KV-cache use lags. Requests decide, KV-cache use breaks ties.
+    strategy, _ = prefix_aware()
+    pool = [ReplicaStats(f"r{i}", max_in_flight=512) for i in range(2)]
+    pool[0].kv_cache_usage, pool[1].in_flight = 0.5, 3
+    assert choose(strategy, pool, []) == "r0"
+    pool[1].in_flight = 0
+    assert choose(strategy, pool, []) == "r1"
