@@ -346,12 +346,14 @@ class PrefixRouting(StrictModel):
     block_chars: int = Field(128, ge=16, le=65_536)
     """Characters of the rendered prompt per hashed block (token-id prompts: a quarter as many
     ids); only whole blocks count, so a prompt shorter than this never matches."""
-    balance_abs_threshold: int = Field(8, ge=0, le=1_000_000)
-    """The load (this gateway's in-flight requests plus the replica's reported waiting ones)
-    counts as uneven when the most and least loaded eligible replicas differ by more than this..."""
+    balance_abs_threshold: int = Field(2, ge=0, le=1_000_000)
+    """A replica holding a request's prefix takes it only while its load (this gateway's
+    in-flight requests plus the replica's reported waiting ones) is at most this many above
+    the least loaded eligible replica's..."""
     balance_rel_threshold: float = Field(1.5, ge=1.0, le=1000.0)
-    """...and the most loaded has more than this many times the least's load; then the least
-    loaded replica is chosen, whatever it holds."""
+    """...or at most this many times it. Past both, the longest prefix among the replicas
+    within them decides, else the least loaded. (The absolute bound rules a few streams,
+    the relative one hundreds.)"""
     min_match_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """Fraction of a request's blocks the best replica must hold for the match to decide;
     below it the least loaded replica is chosen."""

@@ -5,9 +5,12 @@ Like SGLang's cache-aware router and Ray Serve's PrefixCacheAffinityRouter: a
 request whose prompt starts like one a replica was sent recently (the same
 system prompt, tools or few-shot examples, an earlier turn of the same
 conversation) goes to that replica, whose prefix cache likely still holds
-the prompt's keys and values, so it skips their prefill. Balance comes
-first: when the eligible replicas' loads are too far apart, or no replica
-holds enough of the prompt, the least loaded one takes the request.
+the prompt's keys and values, so it skips their prefill. Balance bounds
+affinity: a replica takes a request for its prefix only while its load is
+within the thresholds of the least loaded replica's (bounded-load consistent
+hashing does the same), so a popular prefix spreads instead of piling onto
+one replica; when no replica holds enough of the prompt, the least loaded
+one takes the request.
 
 The index (`gateway.prefix_index.PrefixIndex`) is per model and per gateway
 process, updated as each request is dispatched; nothing is shared or
@@ -27,12 +30,12 @@ if TYPE_CHECKING:
     from mss.config import PrefixRouting
 
 REASONS = ("match", "imbalanced", "no_match")
-"""Why a replica was chosen: it held the longest prefix; the load was uneven (least loaded);
-no replica held enough of the prompt (least loaded)."""
+"""Why a replica was chosen: it held the longest prefix; the ones holding it were too busy
+(the longest prefix among the others, or the least busy); no replica held enough of the
+prompt (the least busy)."""
 
 DecisionHook = Callable[[str, float | None], None]
-"""Called with each decision's reason and the best matched fraction of the prompt's blocks
-(None when the load decided before any matching)."""
+"""Called with each decision's reason and the best matched fraction of the prompt's blocks."""
 
 
 class PrefixAware(Strategy):
@@ -93,10 +96,13 @@ class PrefixAware(Strategy):
     def _shortlist(
         self, pool: list[ReplicaStats], blocks: Sequence[int]
     ) -> tuple[list[ReplicaStats], str, float | None]:
-        """The replicas the least loaded is chosen from: those holding the longest prefix when
-        it decides, else the whole pool; with the reason and the best matched fraction."""
-        if self._imbalanced(pool):
-            return pool, "imbalanced", None
+        """The replicas the least busy is chosen from, why, and the best matched fraction.
+
+        The replicas that hold the longest prefix, when one of them has room: a load
+        within the thresholds of the least loaded replica's. When none has, the
+        longest prefix among those that have room ("imbalanced"). When no replica
+        holds enough of the prompt, all of them ("no_match").
+        """
         if not blocks or not pool:
             return pool, "no_match", 0.0
         matched = self.index.match(blocks, [r.replica_id for r in pool])
@@ -104,7 +110,19 @@ class PrefixAware(Strategy):
         fraction = best / len(blocks)
         if best == 0 or fraction < self.settings.min_match_ratio:
             return pool, "no_match", fraction
-        return [r for r in pool if matched.get(r.replica_id) == best], "match", fraction
+        low = min(_load(r) for r in pool)
+        roomy = [r for r in pool if self._has_room(_load(r), low)]
+        holders = [r for r in roomy if matched.get(r.replica_id, 0) == best]
+        if holders:
+            return holders, "match", fraction
+        second = max(matched.get(r.replica_id, 0) for r in roomy)
+        if second and second / len(blocks) >= self.settings.min_match_ratio:
+            return (
+                [r for r in roomy if matched.get(r.replica_id, 0) == second],
+                "imbalanced",
+                fraction,
+            )
+        return roomy, "imbalanced", fraction
 
     def _least_busy(self, pool: list[ReplicaStats]) -> ReplicaStats | None:
         if len(pool) <= 1:
@@ -116,15 +134,13 @@ class PrefixAware(Strategy):
             best = [r for r in best if r.kv_cache_usage == kv]
         return best[0] if len(best) == 1 else self.rng.choice(best)
 
-    def _imbalanced(self, pool: list[ReplicaStats]) -> bool:
-        if len(pool) < 2:
-            return False
-        loads = [_load(r) for r in pool]
-        high, low = max(loads), min(loads)
+    def _has_room(self, load: int, low: int) -> bool:
+        """Whether a replica this loaded may take a request for its prefix, the least loaded
+        eligible replica having `low`: uneven is more than the absolute threshold above
+        it and more than the relative threshold times it."""
         settings = self.settings
-        return (
-            high - low > settings.balance_abs_threshold
-            and high > settings.balance_rel_threshold * low
+        return load - low <= settings.balance_abs_threshold or (
+            load <= settings.balance_rel_threshold * low
         )
 
 

@@ -190,7 +190,7 @@ def test_the_longest_match_wins() -> None:
     prompt = blocks_of(SYSTEM, "a question")
     send(strategy, pool, prompt[:4], "r0")
     send(strategy, pool, prompt[:12], "r1")
-    pool[1].in_flight = 3  # busier, but holds more
+    pool[1].in_flight = 2  # busier (within the absolute bound, 2), but holds more
     assert choose(strategy, pool, prompt) == "r1"
     assert decisions.reasons[-1] == "match"
     assert decisions.fractions[-1] == 12 / len(prompt)
@@ -221,8 +221,9 @@ def test_imbalance_needs_both_thresholds_then_goes_least_loaded() -> None:
     assert choose(strategy, pool, prompt) == "r0" and decisions.reasons[-1] == "match"
     pool[0].in_flight, pool[1].in_flight = 15, 5  # 10 apart and 3x
     assert choose(strategy, pool, prompt) == "r1" and decisions.reasons[-1] == "imbalanced"
-    assert decisions.fractions[-1] is None
+    assert decisions.fractions[-1] == 1.0  # what r0 held, too busy to take it
     pool[0].in_flight, pool[0].waiting = 0, 15  # the replica's waiting requests count too
+    strategy.index.remove_replica("r1")  # (r1 was just sent the prompt)
     assert choose(strategy, pool, prompt) == "r1" and decisions.reasons[-1] == "imbalanced"
     # An ineligible replica's load does not count.
     pool[0].waiting, pool[1].in_flight, pool[1].healthy = 0, 50, False
@@ -285,7 +286,7 @@ def test_a_conversation_that_grows_keeps_its_replica() -> None:
     pool = replicas(4)
     rng = random.Random(2)
     conversations: dict[int, list[str]] = {
-        c: [f"System prompt of tenant {c}. " * 30] for c in range(6)
+        c: [f"System prompt of tenant {c}. " * 30] for c in range(8)
     }
     homes: dict[int, set[str]] = {c: set() for c in conversations}
     for turn in range(5):
@@ -293,12 +294,12 @@ def test_a_conversation_that_grows_keeps_its_replica() -> None:
             turns.append(f"user turn {turn} of {c}: " + "words " * rng.randrange(5, 40))
             chosen = strategy.choose(pool, blocks=blocks_of(*turns))
             assert chosen is not None
-            chosen.in_flight += 1  # each leaves one request running: the load stays even
+            chosen.in_flight += 1  # each leaves one request running: two per replica a turn
             homes[c].add(chosen.replica_id)
             turns.append("assistant answer " * rng.randrange(1, 30))
     assert all(len(home) == 1 for home in homes.values()), homes
     assert len(set().union(*homes.values())) > 1  # first turns spread over the replicas
-    assert decisions.reasons.count("match") == 6 * 4
+    assert decisions.reasons.count("match") == 8 * 4
 
 
 def test_other_strategies_take_and_ignore_blocks() -> None:
@@ -425,6 +426,30 @@ async def test_requests_retries_and_migrations_route_with_the_prompts_blocks(
     # Both replicas the request ended on and the one that failed it hold the prompt; the
     # next request with the same system prompt goes to one of them.
     assert second[0] in first
+
+
+def test_a_busy_holder_gives_way_to_the_next_longest_prefix() -> None:
+    strategy, decisions = prefix_aware(balance_abs_threshold=2, balance_rel_threshold=1.5)
+    pool = replicas(3)
+    prompt = blocks_of(SYSTEM, "a question")
+    send(strategy, pool, prompt, "r0")
+    send(strategy, pool, prompt[:6], "r1")
+    pool[0].in_flight, pool[1].in_flight, pool[2].in_flight = 5, 2, 1
+    # r0 holds it all but is 4 above the least loaded (and 5x): r1 holds the most of the rest.
+    assert choose(strategy, pool, prompt) == "r1" and decisions.reasons[-1] == "imbalanced"
+    pool[1].in_flight = 4  # now r1 is too busy as well: the least busy takes it
+    assert choose(strategy, pool, prompt) == "r2" and decisions.reasons[-1] == "imbalanced"
+
+
+def test_with_hundreds_of_streams_the_relative_bound_rules() -> None:
+    strategy, decisions = prefix_aware(balance_abs_threshold=2, balance_rel_threshold=1.5)
+    pool = replicas(2)
+    prompt = blocks_of(SYSTEM)
+    send(strategy, pool, prompt, "r0")
+    pool[0].in_flight, pool[1].in_flight = 60, 45  # 15 above, but within 1.5x
+    assert choose(strategy, pool, prompt) == "r0" and decisions.reasons[-1] == "match"
+    pool[0].in_flight = 70  # past 1.5x too
+    assert choose(strategy, pool, prompt) == "r1" and decisions.reasons[-1] == "imbalanced"
 
 
 def test_the_fallback_counts_requests_before_kv_cache_use() -> None:
