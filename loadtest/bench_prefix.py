@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         (a[1] - b[1]) / (a[0] - b[0]) if a[0] > b[0] else 0.0
                         for a, b in zip(after, before, strict=True)
                     ]
+                    run["prefix_counters_before"] = before
+                    run["prefix_counters_after"] = after
                     runs.append(run)
                     for row in rows:
                         requests_file.write(

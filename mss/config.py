@@ -170,7 +170,7 @@ class Deployment(StrictModel):
     resources: Resources = Field(default_factory=Resources)
     routing: str = DEFAULT_STRATEGY
     """How gateways choose among the replicas: a name from `gateway.routing.STRATEGIES`
-    (least_loaded unless given)."""
+    (prefix_aware unless given)."""
     limits: Limits = Field(default_factory=Limits)
     response_cache: ResponseCachePolicy = Field(default_factory=ResponseCachePolicy)
     """Response cache and request coalescing (both off unless enabled here)."""

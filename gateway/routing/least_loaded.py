@@ -1,4 +1,4 @@
-"""`least_loaded` (the default): the replica with the lowest `ReplicaStats.load_score`."""
+"""`least_loaded`: the replica with the lowest `ReplicaStats.load_score`."""
 
 from __future__ import annotations
 

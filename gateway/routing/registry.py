@@ -38,14 +38,16 @@ _CLASSES: dict[str, type[Strategy]] = {
 }
 STRATEGIES: tuple[str, ...] = tuple(_CLASSES)
 """Every strategy name, in a stable order (help texts and error messages list them so)."""
-DEFAULT_STRATEGY = LeastLoaded.name
-"""What a deployment that names no strategy gets."""
+DEFAULT_STRATEGY = PrefixAware.name
+"""What a deployment that names no strategy gets: measured in docs/benchmarks.md
+("Prefix-aware routing"), never behind least_loaded and ahead of it where prompts share
+prefixes."""
 
 
 def make_strategy(
     name: str, rng: random.Random | None = None, prefix_routing: PrefixRouting | None = None
 ) -> Strategy:
-    """The strategy called `name`; an empty name gives the default (least_loaded).
+    """The strategy called `name`; an empty name gives the default (prefix_aware).
 
     `prefix_routing` is the gateway's settings for `prefix_aware` (its defaults when None);
     the other strategies take no settings.

@@ -11,7 +11,7 @@ def test_defaults_serve_the_bundled_model() -> None:
     config = ClusterConfig()
     (deployment,) = config.deployments
     assert deployment.name == "smollm2" and deployment.engine == "vllm"
-    assert deployment.routing == "least_loaded" and deployment.replicas == 1
+    assert deployment.routing == "prefix_aware" and deployment.replicas == 1
 
 
 def test_two_deployments_from_yaml() -> None:

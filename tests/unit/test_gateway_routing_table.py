@@ -58,7 +58,7 @@ async def test_apply_versions_reuse_and_retire() -> None:
     rt.apply(table(4, ("b", "bogus", [("b1", "h:3")])))
     assert rt.get("a") is None and a1.stats.removed
     b = rt.get("b")
-    assert b is not None and b.strategy_name == "least_loaded"  # unknown strategy: default
+    assert b is not None and b.strategy_name == "prefix_aware"  # unknown strategy: default
     await rt.close()
 
 
@@ -98,7 +98,7 @@ def test_static_table_takes_deployment_settings() -> None:
     s = by_name["smollm2"]
     assert (s.strategy, s.max_in_flight, s.max_queue, s.max_tokens) == ("power_of_two", 7, 2, 99)
     assert [r.address for r in s.routes] == ["127.0.0.1:1", "127.0.0.1:2"]
-    assert by_name["other"].strategy == "least_loaded" and len(by_name["other"].routes) == 1
+    assert by_name["other"].strategy == "prefix_aware" and len(by_name["other"].routes) == 1
     forced = static_table([("other", "127.0.0.1:3")], ClusterConfig(), strategy="random")
     assert forced.models[0].strategy == "random"
     empty = static_table([], config)

@@ -41,14 +41,14 @@ def test_every_strategy_exists_and_refuses_when_nothing_is_eligible() -> None:
         assert strategy.choose([]) is None, name
     with pytest.raises(ValueError, match="unknown routing strategy 'nope'"):
         make_strategy("nope")
-    assert make_strategy("").name == "least_loaded"
+    assert make_strategy("").name == "prefix_aware"
 
 
 def test_the_config_accepts_exactly_the_registered_strategies() -> None:
     for name in STRATEGIES:
         assert make_strategy(name).name == name
         assert Deployment(name="m", model="fake", routing=name).routing == name
-    assert Deployment(name="m", model="fake").routing == DEFAULT_STRATEGY == "least_loaded"
+    assert Deployment(name="m", model="fake").routing == DEFAULT_STRATEGY == "prefix_aware"
     with pytest.raises(ValidationError) as info:
         Deployment(name="m", model="fake", routing="fastest")
     message = str(info.value)
