@@ -48,6 +48,7 @@ LIMITS_THE_SCHEMA_CANNOT_STATE = re.compile(
             r"out of the vocabulary",  # token ids: the model's vocabulary
             r"does not fit the context",  # prompt plus output: the model's context
             r"min_tokens: must be at most",  # one field bounded by another
+            r"`logprobs` must be set to true",  # top_logprobs needs logprobs (as vLLM)
             r"exactly one of json, regex",  # structured_outputs: one kind at most
             r"does not match any of the specified `tools`",  # a name referring to another field
             r"either use constraints for structured outputs or tools",
