@@ -17,6 +17,10 @@ output, bounded in attempts and waiting time). When it cannot migrate, the
 stream ends with an explicit error event: never silent truncation, never
 duplicated text.
 
+A deterministic request of a deployment with the response cache or coalescing
+on is served by `gateway.shared_generation` instead (a cache hit, or a
+generation identical requests share), through the same response writers.
+
 Cancellation has one path: the client leaving (seen by a watcher on `receive`)
 or being dropped as too slow releases the request's sink, which sends a
 CancelRequest on the replica stream; the replica aborts the engine request.
@@ -28,8 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -40,17 +43,32 @@ from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
 from gateway.http_protocol import TRANSPORT_KEY
-from gateway.rate_limits import KeyLimiter
+from gateway.migration import (
+    MAX_MIGRATIONS,
+    MIGRATABLE,
+    MIGRATION_POLL_S,
+    MIGRATION_WAIT_S,
+    continuation,
+    migratable,
+    pick_elsewhere,
+    still_failing,
+)
 from gateway.replica_client import Output, ReplicaClient, RequestSink
+from gateway.request_flow import (
+    ClientGone,
+    Flow,
+    GenerationRequest,
+    Lease,
+    build_request,
+    request_charge,
+)
 from gateway.response_cache import ResponseCache
 from gateway.routing_table import ModelRouter
 from gateway.shared_generation import (
-    CACHE_HEADER,
-    SharedGeneration,
-    cache_directives,
+    Deterministic,
+    Serve,
+    SharedGenerations,
     deterministic,
-    encode,
-    replay_sink,
     request_key,
 )
 from gateway.sse import StreamFormat
@@ -62,30 +80,12 @@ log = logging.getLogger(__name__)
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
-Serve = Callable[..., Awaitable[int]]
 
 _RETRYABLE = {
     status_number(grpc.StatusCode.UNAVAILABLE),
     status_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
 }
 """Failures before the first token that another replica may not have."""
-_MIGRATABLE = {
-    status_number(code)
-    for code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    )
-}
-"""Failures after output began that are the replica's, not the request's: it moves on."""
-MAX_MIGRATIONS = 3
-"""Replicas a request may move to after its first one."""
-MIGRATION_WAIT_S = 10.0
-"""How long a request whose replica failed waits for another to be ready, in all."""
-MIGRATION_POLL_S = 0.05
 _STATUS_FOR_CODE = {
     status_number(grpc.StatusCode.INVALID_ARGUMENT): 400,
     status_number(grpc.StatusCode.OUT_OF_RANGE): 400,
@@ -103,10 +103,6 @@ SSE_HEADERS = [
 ]
 
 
-class ClientGone(Exception):
-    """The client disconnected (or was dropped) before its response ended."""
-
-
 def replica_error(code: int, message: str) -> ApiError:
     """The HTTP answer to a replica's failure (gRPC status number `code`) before any output.
 
@@ -120,172 +116,6 @@ def replica_error(code: int, message: str) -> ApiError:
         match = _FIELD_RE.match(message)
         param = match.group(1) if match else None
     return ApiError(status, message, param=param, code=status_name(code), retry_after=retry_after)
-
-
-@dataclass(slots=True)
-class GenerationRequest:
-    """A request read and checked by `Gateway.serve`, ready for its model's replicas."""
-
-    inp: GenerationInput
-    max_tokens: int
-    """Bounded by the model's limit already."""
-    fmt: StreamFormat
-    """The route's wire format; its `request_id` is echoed as X-Request-Id."""
-    client_key: str
-    """Whose concurrency limit the request counts against: `key:<key id>` or the address."""
-    key: KeyLimiter | None = None
-    """The API key's limits, when the request came with a key."""
-
-
-@dataclass(eq=False, slots=True)
-class Flow:
-    """A request in progress as the disconnect watcher and slow-client watchdog see it."""
-
-    model: str
-    transport: Any = None
-    task: asyncio.Task[Any] | None = None
-    sink: RequestSink | None = None
-    gone: bool = False
-    dropped: bool = False
-    send_started: float = 0.0
-    """Loop time a blocked body write began; 0 when no write is pending."""
-    charge: int = 0
-    """Output tokens to charge to the API key: the usage count once the request finished;
-    before that, from the first token on, the most it may produce (so a client cannot
-    dodge its budget by leaving before the usage count arrives)."""
-    gone_event: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def leave(self) -> None:
-        self.gone = True
-        self.gone_event.set()
-        if self.sink is not None:
-            self.sink.wake()
-
-
-def build_request(
-    inp: GenerationInput, request_id: str, max_tokens: int
-) -> replica_pb2.GenerateRequest:
-    """The wire request: the record's prompt or messages and its sampling, max_tokens bounded."""
-    req = replica_pb2.GenerateRequest(
-        request_id=request_id,
-        prompt=inp.prompt,
-        prompt_token_ids=inp.prompt_token_ids,
-        messages=inp.messages,
-        sampling=inp.sampling,
-        tools_json=inp.tools_json,
-    )
-    req.sampling.max_tokens = max_tokens
-    if inp.chat_template is not None:
-        req.chat_template.CopyFrom(inp.chat_template)
-    return req
-
-
-@dataclass(slots=True)
-class Lease:
-    """The replica serving a request now, and what moving it elsewhere needs."""
-
-    client: ReplicaClient | None
-    """None once released for good (a migration found no replica)."""
-    sink: RequestSink
-    request: replica_pb2.GenerateRequest
-    """The wire request as first sent; continuations are built from it."""
-    output: Output | None
-    """What the request has produced, when it may migrate (one choice, free text)."""
-    session_key: str | None
-    migrations: int = 0
-    waited: float = 0.0
-    """Seconds spent waiting for a replica to move to."""
-    exclude: set[str] = field(default_factory=set)
-    """Replicas that failed this request."""
-    blocks: Sequence[int] = ()
-    """The prompt's block hashes, for a strategy that routes by them (`ModelRouter.pick`)."""
-
-    def release(self) -> bool:
-        """Give the request's replica slot back; True when it had not ended (an abort)."""
-        client = self.client
-        if client is None:
-            return False
-        self.client = None
-        aborted = not self.sink.ended
-        client.release(self.sink)
-        return aborted
-
-
-@dataclass(slots=True)
-class _Shared:
-    """A deterministic request on its way to the cache or a shared generation."""
-
-    request: replica_pb2.GenerateRequest
-    inp: GenerationInput
-    output: Output | None
-    key: bytes
-    scope: Scope
-
-
-def request_charge(request: replica_pb2.GenerateRequest) -> int:
-    """The most output tokens a request may produce: charged until its usage is known."""
-    return request.sampling.max_tokens * max(1, request.sampling.n)
-
-
-def migratable(inp: GenerationInput) -> bool:
-    """Whether a request can continue on another replica from its token ids: one choice
-    (each choice would need its own continuation) and no structured output (the
-    constraint's state does not survive the move)."""
-    return max(1, inp.sampling.n) == 1 and not inp.sampling.HasField("structured")
-
-
-def continuation(
-    request: replica_pb2.GenerateRequest, output: Output, request_id: str
-) -> replica_pb2.GenerateRequest:
-    """`request` continued after `output`: the same prompt and sampling, the produced tokens
-    to resume from, and the token bounds reduced by what was produced."""
-    produced = len(output.token_ids)
-    cont = replica_pb2.GenerateRequest()
-    cont.CopyFrom(request)
-    cont.request_id = request_id
-    if request.sampling.max_tokens:  # 0 is "as many as fit", whatever came before
-        cont.sampling.max_tokens = request.sampling.max_tokens - produced
-    cont.sampling.min_tokens = max(0, request.sampling.min_tokens - produced)
-    cont.sampling.ClearField("prompt_logprobs")  # sent with the first output already
-    cont.resume.token_ids.extend(output.token_ids)
-    if output.count_text:
-        cont.resume.text_chars = output.text_chars
-    return cont
-
-
-def _still_failing(router: ModelRouter, failed: set[str]) -> set[str]:
-    """Of the replicas that failed a request, those not back in rotation with a clean record."""
-    out = set()
-    for replica_id in failed:
-        client = router.clients.get(replica_id)
-        if client is None or not client.stats.healthy or client.failures:
-            out.add(replica_id)
-    return out
-
-
-def _host(client: ReplicaClient) -> str:
-    return client.address.rsplit(":", 1)[0]
-
-
-def _pick_elsewhere(
-    router: ModelRouter,
-    key: str | None,
-    avoid: set[str],
-    failed: set[str],
-    blocks: Sequence[int] = (),
-) -> ReplicaClient | None:
-    """A replica for a request that `failed` replicas could not serve, on another host than
-    theirs while one has room, else any not in `avoid`.
-
-    A host cut off from the network takes all its replicas with it, and each is
-    noticed only when its own connection's keepalive fails: a request moved to a
-    neighbour of the first would stall a second time.
-    """
-    if not failed:
-        return router.pick(key, avoid, blocks)
-    hosts = {_host(c) for rid in failed if (c := router.clients.get(rid)) is not None}
-    neighbours = {rid for rid, c in router.clients.items() if _host(c) in hosts}
-    return router.pick(key, avoid | neighbours, blocks) or router.pick(key, avoid, blocks)
 
 
 def _dropped_while_writing(flow: Flow) -> bool:
@@ -313,11 +143,8 @@ class GenerationService:
         self.buffer_chunks = buffer_chunks
         self.slow_client_timeout_s = slow_client_timeout_s
         self.limiter = limiter
-        self.cache = cache
         self.flows: set[Flow] = set()
-        self.shared: dict[bytes, SharedGeneration] = {}
-        """Generations identical requests may join, by request key (coalescing)."""
-        self._background: set[asyncio.Task[None]] = set()
+        self.shared = SharedGenerations(self, cache)
 
     async def run(
         self,
@@ -354,8 +181,12 @@ class GenerationService:
             # Only a stop string makes a replica hold text back from its deltas.
             output = Output(count_text=bool(inp.sampling.stop)) if migratable(inp) else None
             if (router.cache_ttl_s or router.coalesce) and deterministic(inp.sampling):
-                shared = _Shared(req, inp, output, request_key(router.name, req), scope)
-                return await self._run_shared(send, router, shared, fmt, flow, arrived, headers)
+                cache_key = request_key(router.name, req)
+                det = Deterministic(req, inp, output, cache_key, scope.get("headers") or ())
+                serve = self._server(inp, fmt)
+                return await self.shared.serve(
+                    serve, send, router, det, fmt, flow, arrived, headers
+                )
             await self._admit(router.admission, flow)
             try:
                 router.metrics.queue.observe(loop.time() - arrived)
@@ -386,90 +217,6 @@ class GenerationService:
         if not inp.stream:
             return self._collect
         return self._stream if fmt.lean else self._stream_rich
-
-    async def _run_shared(
-        self,
-        send: Send,
-        router: ModelRouter,
-        shared: _Shared,
-        fmt: StreamFormat,
-        flow: Flow,
-        arrived: float,
-        headers: list[tuple[bytes, bytes]],
-    ) -> int:
-        """Serve a deterministic request from the cache, or from a generation it may share.
-
-        A cache hit reaches no replica. Otherwise the request joins the identical one in
-        flight (coalescing) or starts a `SharedGeneration` that stores its output in
-        the cache when it ends well. Each client reads its own sink, at its own pace.
-        """
-        req, inp = shared.request, shared.inp
-        cache = self.cache if router.cache_ttl_s else None
-        read, write = cache_directives(shared.scope.get("headers") or ())
-        serve = self._server(inp, fmt)
-        choices = max(1, inp.sampling.n)
-        if cache is not None and read:
-            value = await cache.get(router.name, shared.key)
-            sink = replay_sink(value, fmt.request_id, choices) if value is not None else None
-            if sink is not None:
-                lease = Lease(None, sink, req, None, inp.session_key)
-                headers.append((CACHE_HEADER, b"HIT"))
-                flow.charge = request_charge(req)
-                return await serve(send, router, lease, fmt, flow, arrived, headers)
-        generation = self.shared.get(shared.key) if router.coalesce else None
-        if generation is not None:
-            state = b"COALESCED"
-            metrics.COALESCED.labels(router.name).inc()
-        else:
-            state = b"MISS" if cache is not None and read else b"BYPASS"
-            generation = self._start_shared(router, shared, cache if write else None)
-        headers.append((CACHE_HEADER, state))
-        sink = generation.join(fmt.request_id, self.buffer_chunks)
-        flow.sink = sink
-        try:
-            while not sink.items and not sink.ended and not flow.gone:
-                await sink.wait()
-            if flow.gone:
-                raise ClientGone
-            if not sink.items and generation.failure is not None:
-                raise generation.failure
-            flow.charge = request_charge(req)
-            lease = Lease(None, sink, req, None, inp.session_key)
-            return await serve(send, router, lease, fmt, flow, arrived, headers)
-        finally:
-            generation.leave(sink)
-
-    def _start_shared(
-        self, router: ModelRouter, shared: _Shared, cache: ResponseCache | None
-    ) -> SharedGeneration:
-        key, req = shared.key, shared.request
-        ttl_s = router.cache_ttl_s
-        store = None
-        if cache is not None:
-
-            async def store(deltas: list[replica_pb2.RequestDelta]) -> None:
-                await cache.put(router.name, key, encode(deltas), ttl_s)
-
-        def done(generation: SharedGeneration) -> None:
-            if self.shared.get(key) is generation:
-                del self.shared[key]
-
-        generation = SharedGeneration(
-            self,
-            router,
-            req,
-            key=key,
-            session_key=shared.inp.session_key,
-            blocks=router.prompt_blocks(shared.inp),
-            output=shared.output,
-            on_done=done,
-            store=store,
-        )
-        if router.coalesce:
-            self.shared[key] = generation
-        self._background.add(generation.task)
-        generation.task.add_done_callback(self._background.discard)
-        return generation
 
     async def _watch(self, receive: Receive, flow: Flow) -> None:
         while True:
@@ -516,7 +263,7 @@ class GenerationService:
         exclude: set[str] = set()
         failure: tuple[int, str] | None = None
         for attempt in range(self.retries + 1):
-            client = _pick_elsewhere(router, key, exclude, exclude, blocks)
+            client = pick_elsewhere(router, key, exclude, exclude, blocks)
             if client is None:
                 break
             if attempt:
@@ -573,7 +320,7 @@ class GenerationService:
         """
         output = lease.output
         code = failure.error.code
-        if failure.finish_reason != "error" or output is None or code not in _MIGRATABLE:
+        if failure.finish_reason != "error" or output is None or code not in MIGRATABLE:
             return False
         failed = lease.client
         lease.release()
@@ -589,8 +336,8 @@ class GenerationService:
         # A replica that failed this request is skipped until it is back in rotation
         # with a clean record (a restarted replica may serve the rest).
         key, failed_ids = lease.session_key, lease.exclude
-        client = _pick_elsewhere(
-            router, key, _still_failing(router, failed_ids), failed_ids, lease.blocks
+        client = pick_elsewhere(
+            router, key, still_failing(router, failed_ids), failed_ids, lease.blocks
         )
         while client is None:
             if flow.gone:
@@ -600,8 +347,8 @@ class GenerationService:
                 log.warning("no replica to continue on within %.0f s", MIGRATION_WAIT_S)
                 return False
             await asyncio.sleep(MIGRATION_POLL_S)
-            client = _pick_elsewhere(
-                router, key, _still_failing(router, failed_ids), failed_ids, lease.blocks
+            client = pick_elsewhere(
+                router, key, still_failing(router, failed_ids), failed_ids, lease.blocks
             )
         lease.waited += loop.time() - started
         lease.migrations += 1
@@ -833,14 +580,9 @@ class GenerationService:
         m.e2e.observe(loop.time() - arrived)
         return 200
 
-    async def close(self, timeout_s: float = 5.0) -> None:
+    async def close(self) -> None:
         """Let shared generations finish their cache writes (bounded), then cancel the rest."""
-        pending = set(self._background)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=timeout_s)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self.shared.close()
 
     async def watchdog(self) -> None:
         """Drop slow clients every quarter timeout (at least once a second) until cancelled."""

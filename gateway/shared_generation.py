@@ -24,14 +24,20 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway import metrics
+from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
 from gateway.replica_client import Output, RequestSink
+from gateway.request_flow import ClientGone, Flow, Lease, request_charge
+from gateway.response_cache import ResponseCache
+from gateway.sse import StreamFormat
 from protos import replica_pb2
 
 if TYPE_CHECKING:
-    from gateway.generation import Flow, GenerationService, Lease
+    from gateway.generation import GenerationService
     from gateway.routing_table import ModelRouter
 
 log = logging.getLogger(__name__)
@@ -184,8 +190,6 @@ class SharedGeneration:
             sink.wake()
 
     async def _run(self) -> None:
-        from gateway.generation import ClientGone, Flow, Lease
-
         service, router = self._service, self.router
         flow = Flow(router.name)
         lease: Lease | None = None
@@ -238,3 +242,126 @@ class SharedGeneration:
                 if sink.overflowed:  # not reached: this task drains at once
                     return False
                 await sink.wait()
+
+
+@dataclass(slots=True)
+class Deterministic:
+    """A deterministic request on its way to the cache or a shared generation."""
+
+    request: replica_pb2.GenerateRequest
+    inp: GenerationInput
+    output: Output | None
+    """Where its output is recorded, when it may migrate."""
+    key: bytes
+    headers: Iterable[tuple[bytes, bytes]]
+    """The HTTP request's headers (for Cache-Control)."""
+
+
+Serve = Callable[..., Awaitable[int]]
+"""One of `GenerationService`'s response writers: (send, router, lease, fmt, flow, arrived,
+headers) -> the HTTP status sent."""
+
+
+class SharedGenerations:
+    """The gateway's response cache and the generations in flight identical requests join."""
+
+    def __init__(self, service: GenerationService, cache: ResponseCache | None) -> None:
+        self.service = service
+        self.cache = cache
+        self.in_flight: dict[bytes, SharedGeneration] = {}
+        """Generations identical requests may join, by request key (coalescing)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(
+        self,
+        serve: Serve,
+        send: Any,
+        router: ModelRouter,
+        request: Deterministic,
+        fmt: StreamFormat,
+        flow: Flow,
+        arrived: float,
+        headers: list[tuple[bytes, bytes]],
+    ) -> int:
+        """Serve a deterministic request from the cache, or from a generation it may share.
+
+        A cache hit reaches no replica. Otherwise the request joins the identical one in
+        flight (coalescing) or starts a `SharedGeneration` that stores its output in
+        the cache when it ends well. Each client reads its own sink, at its own pace,
+        through `serve`, as any request.
+        """
+        req, inp = request.request, request.inp
+        cache = self.cache if router.cache_ttl_s else None
+        read, write = cache_directives(request.headers)
+        choices = max(1, inp.sampling.n)
+        if cache is not None and read:
+            value = await cache.get(router.name, request.key)
+            sink = replay_sink(value, fmt.request_id, choices) if value is not None else None
+            if sink is not None:
+                headers.append((CACHE_HEADER, b"HIT"))
+                flow.charge = request_charge(req)
+                lease = Lease(None, sink, req, None, inp.session_key)
+                return await serve(send, router, lease, fmt, flow, arrived, headers)
+        generation = self.in_flight.get(request.key) if router.coalesce else None
+        if generation is not None:
+            headers.append((CACHE_HEADER, b"COALESCED"))
+            metrics.COALESCED.labels(router.name).inc()
+        else:
+            if cache is not None:
+                headers.append((CACHE_HEADER, b"MISS" if read else b"BYPASS"))
+            generation = self._start(router, request, cache if write else None)
+        sink = generation.join(fmt.request_id, self.service.buffer_chunks)
+        flow.sink = sink
+        try:
+            while not sink.items and not sink.ended and not flow.gone:
+                await sink.wait()
+            if flow.gone:
+                raise ClientGone
+            if not sink.items and generation.failure is not None:
+                raise generation.failure
+            flow.charge = request_charge(req)
+            lease = Lease(None, sink, req, None, inp.session_key)
+            return await serve(send, router, lease, fmt, flow, arrived, headers)
+        finally:
+            generation.leave(sink)
+
+    def _start(
+        self, router: ModelRouter, request: Deterministic, cache: ResponseCache | None
+    ) -> SharedGeneration:
+        key = request.key
+        ttl_s = router.cache_ttl_s
+        store = None
+        if cache is not None:
+
+            async def store(deltas: list[replica_pb2.RequestDelta]) -> None:
+                await cache.put(router.name, key, encode(deltas), ttl_s)
+
+        def done(generation: SharedGeneration) -> None:
+            if self.in_flight.get(key) is generation:
+                del self.in_flight[key]
+
+        generation = SharedGeneration(
+            self.service,
+            router,
+            request.request,
+            key=key,
+            session_key=request.inp.session_key,
+            blocks=router.prompt_blocks(request.inp),
+            output=request.output,
+            on_done=done,
+            store=store,
+        )
+        if router.coalesce:
+            self.in_flight[key] = generation
+        self._tasks.add(generation.task)
+        generation.task.add_done_callback(self._tasks.discard)
+        return generation
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let generations finish their cache writes (bounded), then cancel the rest."""
+        pending = set(self._tasks)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)

@@ -25,12 +25,8 @@ from gateway.admission import ClientLimiter
 from gateway.api_models import GenerationInput, OutputOptions
 from gateway.errors import ApiError
 from gateway.gateway import Gateway, GatewayOptions, rejection_reason
-from gateway.generation import (
-    GenerationRequest,
-    GenerationService,
-    build_request,
-    continuation,
-)
+from gateway.generation import GenerationRequest, GenerationService, build_request
+from gateway.migration import continuation
 from gateway.openai_stream import RichChatFormat, RichCompletionFormat
 from gateway.replica_client import Output, ReplicaClient, RequestSink
 from gateway.routing_table import ModelRouter, RoutingTable
