@@ -167,10 +167,14 @@ class SharedGeneration:
         return sink
 
     def leave(self, sink: RequestSink) -> None:
-        """A client is done (or gone); the last one to leave a running generation aborts it."""
+        """A client is done (or gone); the last one to leave a running generation aborts it.
+
+        A generation that has ended is left alone: its task may still be writing the
+        output to the cache.
+        """
         sink.ended = True
         if self.sinks.pop(sink.request_id, None) is not None and not self.sinks:
-            if not self.task.done():
+            if not self.finished:
                 self.task.cancel()
                 self._on_done(self)
 
