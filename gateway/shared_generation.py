@@ -105,8 +105,8 @@ def replay_sink(value: bytes, request_id: str, choices: int) -> RequestSink | No
         return None
     if not deltas or not deltas[-1].finish_reason:
         return None
-    sink = RequestSink(request_id, _Detached(), len(deltas) + 1, choices)
-    sink.limit = len(deltas) + 1
+    sink = RequestSink(request_id, _Detached(), 1, choices)
+    sink.limit = len(deltas)  # holds the whole answer at once: never an overflow
     for delta in deltas:
         sink.push(delta)
     return sink

@@ -149,7 +149,11 @@ def test_cache_control_no_cache_asks_the_engine(gateway: Proc, replica: Proc) ->
     assert httpx.post(url, json=body).headers["x-cache"] == "HIT"
 
 
-async def _stream(client: httpx.AsyncClient, url: str, content: str) -> tuple[str, str]:
+async def _stream(
+    client: httpx.AsyncClient, url: str, content: str, leave_after_first: bool = False
+) -> tuple[str, str]:
+    """(x-cache, text) of one greedy streamed chat; with `leave_after_first`, the client
+    disconnects once the first chunk arrived."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": content}],
@@ -164,6 +168,8 @@ async def _stream(client: httpx.AsyncClient, url: str, content: str) -> tuple[st
             if line.startswith("data: {"):
                 for choice in json.loads(line[6:])["choices"]:
                     text += (choice.get("delta") or {}).get("content") or ""
+                if leave_after_first:
+                    break
     return state, text
 
 
@@ -190,19 +196,6 @@ def test_identical_concurrent_requests_share_one_generation(gateway: Proc, repli
 def test_one_client_leaving_does_not_stop_the_others(gateway: Proc, replica: Proc) -> None:
     before = engine_requests(replica)
 
-    async def leaver(client: httpx.AsyncClient) -> None:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "some leave"}],
-            "stream": True,
-            "temperature": 0,
-        }
-        url = f"{gateway.address}/v1/chat/completions"
-        async with client.stream("POST", url, json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    return  # leaves after its first chunk
-
     async def main() -> list[tuple[str, str]]:
         async with httpx.AsyncClient(timeout=30) as client:
             stayers = [
@@ -210,7 +203,7 @@ def test_one_client_leaving_does_not_stop_the_others(gateway: Proc, replica: Pro
                 for _ in range(2)
             ]
             await asyncio.sleep(0.05)
-            await leaver(client)
+            await _stream(client, gateway.address, "some leave", leave_after_first=True)
             return await asyncio.gather(*stayers)
 
     results = asyncio.run(main())
@@ -225,22 +218,13 @@ def test_one_client_leaving_does_not_stop_the_others(gateway: Proc, replica: Pro
 def test_the_last_client_leaving_aborts_the_generation(gateway: Proc, replica: Proc) -> None:
     before = engine_requests(replica)
 
-    async def leave_early(client: httpx.AsyncClient) -> None:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "everyone leaves"}],
-            "stream": True,
-            "temperature": 0,
-        }
-        url = f"{gateway.address}/v1/chat/completions"
-        async with client.stream("POST", url, json=body) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    return
-
     async def main() -> None:
         async with httpx.AsyncClient(timeout=30) as client:
-            await asyncio.gather(*(leave_early(client) for _ in range(3)))
+            leavers = (
+                _stream(client, gateway.address, "everyone leaves", leave_after_first=True)
+                for _ in range(3)
+            )
+            await asyncio.gather(*leavers)
 
     asyncio.run(main())
     after = settled(replica, sum(before.values()) + 1)
