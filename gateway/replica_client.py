@@ -42,6 +42,8 @@ UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
 """The status a replica that cannot take requests answers with, and a broken stream's."""
 INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 """The status of a request the replica's engine failed."""
+UNAPPLIED_LIMIT = 2
+"""Messages a Generate stream may have written that the replica has not yet applied."""
 PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_DELAY_S = 2.0
 TOKENIZE_TIMEOUT_S = 10.0
@@ -197,6 +199,12 @@ class GenerateStream:
         self._outbox: deque[replica_pb2.GenerateClientMessage] = deque()
         self._wake = asyncio.Event()
         self._writing = False
+        self.written = 0
+        """Messages written on this stream."""
+        self.applied = 0
+        """Of those, the ones the replica says it has applied (`GenerateReply.applied`)."""
+        self.acking = False
+        """The replica reports `applied` (it has once): writes then wait for it."""
         self.call = client.stub.Generate(wait_for_ready=False, metadata=client.metadata)
         self._writer = asyncio.create_task(self._write(), name=f"replica-write-{client.replica_id}")
         self._reader = asyncio.create_task(self._read(), name=f"replica-read-{client.replica_id}")
@@ -221,19 +229,43 @@ class GenerateStream:
 
     @property
     def idle(self) -> bool:
-        """Not writing and nothing queued: a new request goes out at once."""
-        return not self._writing and not self._outbox and not self.closed
+        """Not writing, nothing queued and room in the window: a new request goes out at once."""
+        return not self._writing and not self._outbox and not self.closed and not self._full()
 
     def backlog(self) -> int:
-        return len(self._outbox) + self._writing
+        return len(self._outbox) + self._writing + self._full()
+
+    def _full(self) -> bool:
+        """The replica has not yet applied `UNAPPLIED_LIMIT` messages written to it."""
+        return self.acking and self.written - self.applied >= UNAPPLIED_LIMIT
+
+    def acknowledge(self, applied: int) -> None:
+        """A reply said how many messages the replica applied: room for the next write."""
+        self.acking = True
+        if applied > self.applied:
+            self.applied = applied
+            if self._outbox:
+                self._wake.set()
 
     async def _write(self) -> None:
+        """Write what queued as one message, at most `UNAPPLIED_LIMIT` ahead of the replica.
+
+        gRPC completes a write once the message is handed to the connection,
+        not once the replica has read it, and a replica busy with its streams
+        reads one message per turn or two of its event loop. Writing each
+        request as it comes would queue messages in the connection, each new
+        request waiting behind every earlier message (seconds at a thousand
+        streams). Held here until the replica applied the ones before, the
+        requests that arrived meanwhile leave as one message and reach the
+        engine together.
+        """
         outbox = self._outbox
         try:
             while not self.closed:
-                while outbox:
+                while outbox and not self._full():
                     self._writing = True
                     try:
+                        self.written += 1
                         await self.call.write(_message(outbox))
                     finally:
                         self._writing = False
@@ -283,6 +315,8 @@ class GenerateStream:
                     sink.push(delta)
                     if delta.finish_reason and sink.ended:
                         self._finished(delta.request_id, delta)
+                if reply.applied:
+                    self.acknowledge(reply.applied)
                 load = reply.load
                 stats.running = load.running
                 stats.waiting = load.waiting

@@ -473,8 +473,9 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
     by = {(r["label"], r["C"]): r for r in rows}
     lines = [
         "| target | vs | C | req/s | tok/s | throughput ratio | TTFT p50 / p99 ms | "
-        "added TTFT p50 / p99 ms | ITL p99 ms | added ITL p99 ms | CPU % | CPU us/chunk | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "added TTFT p50 / p99 ms | ITL p99 ms | added ITL p99 ms | CPU % | CPU us/chunk | "
+        "stack CPU us/chunk | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted({r["C"] for r in rows}):
         for t in targets:
@@ -484,6 +485,9 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
             ttft, itl = r["ttft_ms"], r["itl_ms"]
             cpu = r["cpu_pct"].get("router")
             per_chunk = f"{cpu / 100 / r['tok_s'] * 1e6:.1f}" if cpu and r["tok_s"] else "-"
+            # The whole stack: router (or gateway) plus its backend (or replica).
+            stack = (cpu or 0.0) + r["cpu_pct"].get("backend", 0.0)
+            stack_chunk = f"{stack / 100 / r['tok_s'] * 1e6:.1f}" if stack and r["tok_s"] else "-"
             present = [x for x in t.baselines if (x, c) in by]
             for base_label in present or [""]:
                 b = by.get((base_label, c)) if base_label else None
@@ -498,7 +502,7 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
                     f"| {t.label} | {base_label or '-'} | {c} | {r['rps']} | {r['tok_s']:.0f} | "
                     f"{ratio} | {ttft['50']:.1f} / {ttft['99']:.1f} | {added} | "
                     f"{itl['99']:.1f} | {added_itl} | {cpu if cpu is not None else '-'} | "
-                    f"{per_chunk} | {r['errors']} |"
+                    f"{per_chunk} | {stack_chunk} | {r['errors']} |"
                 )
     return "\n".join(lines)
 
@@ -548,7 +552,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "Routers are compared with `direct` (the kit's fake backend, same HTTP load generator);\n"
         "`ours` with `replica` (its own backend, our fake-engine replica, driven over gRPC) and\n"
         "with `direct`. CPU us/chunk: CPU time of the target process (for baselines, of the\n"
-        "backend itself) per streamed token.\n\n"
+        "backend itself) per streamed token; stack CPU us/chunk adds its backend's (a router's\n"
+        "fake backend, the gateway's replica).\n\n"
     )
     (RESULTS / f"bench_gateway-{stamp}.md").write_text(header + table + "\n")
     print(header + table)

@@ -26,7 +26,7 @@ import abc
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -347,6 +347,20 @@ class Engine(abc.ABC):
         except (asyncio.CancelledError, GeneratorExit):
             await self.abort(prepared.request_id)
             raise
+
+    async def stream_to(self, prepared: Prepared, push: Callable[[Delta], None]) -> None:
+        """Hand each of the request's deltas to `push` as it comes; return after the last.
+
+        The server's way to stream: `push` adds a delta to the reply being
+        built, so nothing on this path has to wake per delta but the engine.
+        This default iterates `generate`, a wake of the calling task per step
+        (vLLM's AsyncLLM hands out outputs per request that way); an engine
+        that produces every request's step in one place may call `push` from
+        there instead. Cancelling the caller aborts the request either way.
+        """
+        async with contextlib.aclosing(self.generate(prepared)) as deltas:
+            async for delta in deltas:
+                push(delta)
 
     @abc.abstractmethod
     def _stream(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:

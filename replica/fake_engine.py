@@ -34,12 +34,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from mss.config import Deployment
 from protos import replica_pb2
-from replica.engine import Delta, Engine, EngineLoad, Prepared, PromptSource
+from replica.engine import Delta, Engine, EngineDead, EngineLoad, Prepared, PromptSource
 from replica.fake_structured import structured_text
 from replica.sampling import Limits
 
@@ -154,6 +154,28 @@ class FakeEngine(Engine):
         finally:
             self._forget(prepared.request_id)
 
+    async def stream_to(self, prepared: Prepared, push: Callable[[Delta], None]) -> None:
+        """Each step's deltas go to `push` from the clock itself: the caller waits once, for
+        the request's end, not once per step. A migrated request takes `generate`'s path
+        (it reshapes the first and last deltas)."""
+        if prepared.resumed:
+            await super().stream_to(prepared, push)
+            return
+        if self.dead.is_set():
+            raise EngineDead(f"engine died: {self.death}")
+        request = _FakeRequest(prepared, _hash(prepared.prompt_text))
+        request.push = push
+        request.finished = asyncio.get_running_loop().create_future()
+        self._active[prepared.request_id] = request
+        self._wake.set()
+        try:
+            await request.finished
+        except asyncio.CancelledError:
+            await self.abort(prepared.request_id)
+            raise
+        finally:
+            self._forget(prepared.request_id)
+
     async def abort(self, request_id: str) -> None:
         self._forget(request_id)
 
@@ -173,8 +195,24 @@ class FakeEngine(Engine):
             next_tick += interval
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
             for request in list(self._active.values()):
-                if not request.done:
+                if request.done:
+                    continue
+                push = request.push
+                if push is None:
                     request.queue.put_nowait(request.step())
+                    continue
+                finished = request.finished
+                if finished is None or finished.done():  # its caller left
+                    continue
+                try:
+                    for delta in request.step():
+                        push(delta)
+                except Exception as exc:  # the caller's failure, not the clock's
+                    request.done = True
+                    finished.set_exception(exc)
+                    continue
+                if request.done:
+                    finished.set_result(None)
             self._load.running = len(self._active)
             self._load.kv_cache_usage = min(1.0, len(self._active) / 1024)
 
@@ -195,7 +233,14 @@ class _FakeRequest:
     prepared: Prepared
     offset: int
     queue: asyncio.Queue[list[Delta]] = field(default_factory=asyncio.Queue)
+    """Where each step goes for `generate`; unused when `push` is set."""
+    push: Callable[[Delta], None] | None = None
+    """Where each delta goes for `stream_to`."""
+    finished: asyncio.Future[None] | None = None
+    """Done once the last step was pushed (`stream_to`)."""
     choices: list[_FakeChoice] = field(default_factory=list)
+    running: int = 0
+    """Choices not finished."""
     started: bool = False
     done: bool = False
 
@@ -207,10 +252,16 @@ class _FakeRequest:
         self.choices = [
             _FakeChoice(self.prepared, i, offset, pieces, start) for i in range(sampling.n)
         ]
+        self.running = len(self.choices)
 
     def step(self) -> list[Delta]:
         """One engine step: a delta for every choice still running."""
-        deltas = [c.step() for c in self.choices if not c.finished]
+        deltas = []
+        for choice in self.choices:
+            if not choice.finished:
+                deltas.append(choice.step())
+                if choice.finished:
+                    self.running -= 1
         if not self.started:
             self.started = True
             first = deltas[0]  # choice 0 is still running at the first step
@@ -219,7 +270,7 @@ class _FakeRequest:
                 first.prompt_logprobs = _prompt_logprobs(
                     self.prepared.prompt_token_ids, self.prepared.sampling.prompt_logprobs
                 )
-        if all(c.finished for c in self.choices):
+        if not self.running:
             self.done = True
             last = deltas[-1]
             last.last = True

@@ -41,7 +41,7 @@ import grpc
 from mss.logs import request_id_var
 from mss.rpc import status_number
 from protos import replica_pb2, replica_pb2_grpc
-from replica.engine import Engine, EngineDead, InvalidRequest
+from replica.engine import Delta, Engine, EngineDead, InvalidRequest
 from replica.metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,10 @@ class _Stream:
         self.add = self.outbox.deltas.add
         self.wake = asyncio.Event()
         self.reading = True
+        self.applied = 0
+        """Client messages read and applied so far; each reply carries the count."""
+        self.acked = 0
+        """The count the last reply carried."""
 
     def push(self, **fields: object) -> None:
         """Add a delta to the reply being built (no copy: built in place)."""
@@ -174,13 +178,16 @@ class _Stream:
         self.wake.set()
 
     async def next_batch(self) -> replica_pb2.GenerateReply | None:
-        """Everything produced since the last call as one reply; None once the stream is done."""
-        while not self.outbox.deltas:
+        """Everything produced since the last call as one reply, with the count of messages
+        applied (a reply without deltas when only that changed); None once the stream is
+        done."""
+        while not self.outbox.deltas and self.applied == self.acked:
             if not self.reading and not self.tasks:
                 return None
             self.wake.clear()
             await self.wake.wait()
         reply = self.outbox
+        reply.applied = self.acked = self.applied
         self.outbox = replica_pb2.GenerateReply()
         self.add = self.outbox.deltas.add
         return reply
@@ -193,6 +200,8 @@ class _Stream:
                         self.apply(item)
                 else:
                     self.apply(message)
+                self.applied += 1
+                self.wake.set()
         except grpc.aio.AioRpcError as exc:  # the gateway went away mid-read
             log.debug("stream %d read ended: %s", self.number, exc.code())
         finally:
@@ -333,41 +342,45 @@ class _Stream:
         if service.log_prompts:
             log.info("prompt (%d tokens): %r", len(prepared.prompt_token_ids), prepared.prompt_text)
         outcome = "error"
-        async with contextlib.aclosing(service.engine.generate(prepared)) as deltas:
-            async for d in deltas:
-                if d.finish_reason is None and d.logprobs is None and d.prompt_token_ids is None:
-                    # The per-token path: nothing but the text and its token ids.
-                    # self.add, not a local: the outbox is swapped after each send.
-                    self.add(
-                        request_id=rid,
-                        text=d.text,
-                        num_tokens=d.num_tokens,
-                        index=d.index,
-                        token_ids=d.token_ids,
-                    )
-                    self.wake.set()
-                    continue
-                delta = self.add(
+        wake = self.wake.set
+
+        def push(d: Delta) -> None:
+            # self.add, not a local: the outbox is swapped after each send.
+            nonlocal outcome
+            if d.finish_reason is None and d.logprobs is None and d.prompt_token_ids is None:
+                # The per-token path: nothing but the text and its token ids.
+                self.add(
                     request_id=rid,
                     text=d.text,
                     num_tokens=d.num_tokens,
                     index=d.index,
                     token_ids=d.token_ids,
-                    finish_reason=d.finish_reason or "",
-                    stop_reason=d.stop_reason,
-                    prompt_tokens=d.prompt_tokens,
-                    completion_tokens=d.completion_tokens,
                 )
-                if d.logprobs:
-                    delta.logprobs.extend(d.logprobs)
-                if d.prompt_token_ids is not None:
-                    delta.prompt_token_ids.extend(d.prompt_token_ids)
-                if d.prompt_logprobs:
-                    delta.prompt_logprobs.extend(d.prompt_logprobs)
-                self.wake.set()
-                if d.last:
-                    outcome = d.finish_reason or "stop"
-                    service.metrics.finished(d.prompt_tokens, d.completion_tokens)
+                wake()
+                return
+            delta = self.add(
+                request_id=rid,
+                text=d.text,
+                num_tokens=d.num_tokens,
+                index=d.index,
+                token_ids=d.token_ids,
+                finish_reason=d.finish_reason or "",
+                stop_reason=d.stop_reason,
+                prompt_tokens=d.prompt_tokens,
+                completion_tokens=d.completion_tokens,
+            )
+            if d.logprobs:
+                delta.logprobs.extend(d.logprobs)
+            if d.prompt_token_ids is not None:
+                delta.prompt_token_ids.extend(d.prompt_token_ids)
+            if d.prompt_logprobs:
+                delta.prompt_logprobs.extend(d.prompt_logprobs)
+            wake()
+            if d.last:
+                outcome = d.finish_reason or "stop"
+                service.metrics.finished(d.prompt_tokens, d.completion_tokens)
+
+        await service.engine.stream_to(prepared, push)
         return outcome
 
     async def cancel_all(self, reason: str | None = None) -> None:

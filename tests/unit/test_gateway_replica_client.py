@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import grpc
 import pytest
 
-from gateway.replica_client import UNAVAILABLE, ReplicaClient, RequestSink
+from gateway.replica_client import UNAPPLIED_LIMIT, UNAVAILABLE, ReplicaClient, RequestSink
 from protos import replica_pb2, replica_pb2_grpc
 
 MODEL = "m"
@@ -215,6 +215,36 @@ async def test_a_burst_goes_out_in_few_writes_in_order(
     for sink in sinks:
         if sink is not sinks[10]:
             client.release(sink)
+    await client.close()
+
+
+async def test_writes_wait_for_the_replica_to_apply_the_ones_before(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    """Once a replica reports what it applied, at most UNAPPLIED_LIMIT messages are ahead
+    of it; what queues meanwhile goes out as one message when it catches up."""
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    sinks = [client.submit(request("a"), 16)]
+    await until(lambda: servicer.requests == ["a"], "the first request")
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=1))
+    stream = client._streams[0]
+    await until(lambda: stream.acking, "the acknowledgement")
+    for rid in ("b", "c"):  # up to the limit of two messages not applied
+        sinks.append(client.submit(request(rid), 16))
+        await until(lambda: servicer.requests[-1] == rid, f"request {rid}")
+    assert UNAPPLIED_LIMIT == 2 and not stream.idle
+    sinks += [client.submit(request(rid), 16) for rid in ("d", "e")]
+    await asyncio.sleep(0.1)
+    assert servicer.requests == ["a", "b", "c"], "written past the replica's window"
+    batches = servicer.batches
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=3))
+    await until(lambda: len(servicer.requests) == 5, "the held requests")
+    assert servicer.requests[3:] == ["d", "e"] and servicer.batches == batches + 1
+    for sink in sinks:
+        client.release(sink)
     await client.close()
 
 

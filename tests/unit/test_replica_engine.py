@@ -12,7 +12,7 @@ import pytest
 
 from mss.config import Deployment
 from protos import replica_pb2
-from replica.engine import InvalidRequest, PrefixCacheWindow
+from replica.engine import Delta, InvalidRequest, PrefixCacheWindow
 from replica.fake_engine import id_for
 from replica.vllm_engine import VllmEngine
 from tests.support import RecordingEngine, chat, completion
@@ -127,6 +127,66 @@ async def test_closing_the_stream_early_aborts_too() -> None:
         assert first.text and first.finish_reason is None
         await deltas.aclose()
         assert engine.aborted == ["1-a"]
+        assert await engine.running_requests() == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_pushed_deltas_are_the_generated_ones() -> None:
+    """The server's path (`stream_to`, deltas pushed from the engine's clock) and
+    `generate` give the same deltas, n choices and stop strings included."""
+    engine = await started()
+    try:
+        for rid, req in (
+            ("a", request("a")),
+            ("n", completion("n", "one two", max_tokens=4, n=2)),
+            ("s", completion("s", "hello there world", max_tokens=9, stop=["flow"])),
+        ):
+            generated = [d async for d in engine.generate(await engine.prepare(req, f"1-{rid}"))]
+            pushed: list[Delta] = []
+            await engine.stream_to(await engine.prepare(req, f"2-{rid}"), pushed.append)
+            assert pushed == generated
+            assert pushed[-1].last and await engine.running_requests() == 0
+        assert engine.aborted == []
+    finally:
+        await engine.shutdown()
+
+
+async def test_cancelling_a_pushed_request_aborts_it() -> None:
+    engine = await started(token_interval_ms=10)
+    try:
+        prepared = await engine.prepare(request("a"), "1-a")
+        pushed: list[Delta] = []
+        task = asyncio.create_task(engine.stream_to(prepared, pushed.append))
+        for _ in range(200):
+            if pushed:
+                break
+            await asyncio.sleep(0.01)
+        assert pushed and await engine.running_requests() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.aborted == ["1-a"]
+        assert await engine.running_requests() == 0
+        produced = len(pushed)
+        await asyncio.sleep(0.05)
+        assert len(pushed) == produced  # nothing pushed after the abort
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_failing_push_fails_its_request_only() -> None:
+    engine = await started(token_interval_ms=5)
+    try:
+        def broken(delta: Delta) -> None:
+            raise RuntimeError("consumer bug")
+
+        bad = asyncio.create_task(engine.stream_to(await engine.prepare(request("b"), "1-b"), broken))
+        good: list[Delta] = []
+        await engine.stream_to(await engine.prepare(request("g"), "1-g"), good.append)
+        with pytest.raises(RuntimeError, match="consumer bug"):
+            await bad
+        assert good[-1].finish_reason == "length"
         assert await engine.running_requests() == 0
     finally:
         await engine.shutdown()
