@@ -42,7 +42,7 @@ from gateway import api_keys, metrics
 from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
-from gateway.http_protocol import TRANSPORT_KEY
+from gateway.http_protocol import TRANSPORT_KEY, WRITE_NOW_KEY
 from gateway.migration import (
     MAX_MIGRATIONS,
     MIGRATABLE,
@@ -118,6 +118,11 @@ def replica_error(code: int, message: str) -> ApiError:
     return ApiError(status, message, param=param, code=status_name(code), retry_after=retry_after)
 
 
+def _cannot_write(body: bytes) -> bool:
+    """The synchronous write of a connection that has none: the token takes the task's path."""
+    return False
+
+
 def _dropped_while_writing(flow: Flow) -> bool:
     """True when a cancelled write was the watchdog dropping a slow client (not a shutdown)."""
     task = asyncio.current_task()
@@ -164,7 +169,8 @@ class GenerationService:
         arrived = loop.time()
         inp, fmt, client_key, key = request.inp, request.fmt, request.client_key, request.key
         headers = [(b"x-request-id", fmt.request_id.encode())]
-        flow = Flow(router.name, (scope.get("extensions") or {}).get(TRANSPORT_KEY))
+        extensions = scope.get("extensions") or {}
+        flow = Flow(router.name, extensions.get(TRANSPORT_KEY), extensions.get(WRITE_NOW_KEY))
         flow.task = asyncio.current_task()
         if key is not None:
             headers += api_keys.admit(key)
@@ -390,50 +396,75 @@ class GenerationService:
         headers: list[tuple[bytes, bytes]],
     ) -> int:
         # The per-token loop: kept flat (no helper coroutines) since it runs once per
-        # token per stream.
+        # token per stream. Once the first token is out, a token that arrives while this
+        # loop waits is written by the replica stream's reader itself (`direct`, through
+        # the connection's `write_now`): no wake of this task per token while the client
+        # keeps up. A finish, an error, a client whose buffer is full or a token behind
+        # others still queued come here.
         m = router.metrics
         token = fmt.token
         sink = lease.sink
         take = sink.take
         observe_itl = m.itl.observe
         loop_time = asyncio.get_running_loop().time
+        write_now = flow.write_now or _cannot_write
+        last = 0.0
+
+        def direct(delta: replica_pb2.RequestDelta) -> bool:
+            nonlocal last
+            text = delta.text
+            if text:
+                if not write_now(token(text)):
+                    return False
+                now = loop_time()
+                observe_itl(now - last)
+                last = now
+            return True
+
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
         parts: list[bytes] = [fmt.first()]
-        last = 0.0
-        while True:
-            finish: replica_pb2.RequestDelta | None = None
-            for delta in take():
-                if delta.finish_reason:
-                    finish = delta  # its text goes out with the finish reason
-                elif delta.text:
-                    parts.append(token(delta.text))
-            if finish is not None and await self._migrate(router, lease, flow, finish):
-                finish = None
-                sink = lease.sink
-                take = sink.take
-            if finish is not None or sink.overflowed:
-                return await self._end_stream(send, router, sink, fmt, flow, parts, finish, arrived)
-            if parts:
-                now = flow.send_started = loop_time()
-                body = b"".join(parts)
-                parts = []
-                try:
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                except asyncio.CancelledError:
-                    if not _dropped_while_writing(flow):
-                        raise
-                flow.send_started = 0.0
-                if last:
-                    observe_itl(now - last)
-                else:
-                    m.ttft.observe(now - arrived)
-                last = now
-            if flow.gone:
-                raise ClientGone
-            if not sink.items and not sink.ended:
-                await sink.arm()
+        try:
+            while True:
+                finish: replica_pb2.RequestDelta | None = None
+                for delta in take():
+                    if delta.finish_reason:
+                        finish = delta  # its text goes out with the finish reason
+                    elif delta.text:
+                        parts.append(token(delta.text))
+                if finish is not None and await self._migrate(router, lease, flow, finish):
+                    finish = None
+                    sink = lease.sink
+                    take = sink.take
+                if finish is not None or sink.overflowed:
+                    sink.direct = None
+                    return await self._end_stream(
+                        send, router, sink, fmt, flow, parts, finish, arrived
+                    )
+                if parts:
+                    now = flow.send_started = loop_time()
+                    body = b"".join(parts)
+                    parts = []
+                    try:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                    except asyncio.CancelledError:
+                        if not _dropped_while_writing(flow):
+                            raise
+                    flow.send_started = 0.0
+                    if last:
+                        observe_itl(now - last)
+                    else:
+                        m.ttft.observe(now - arrived)
+                    last = now
                 if flow.gone:
                     raise ClientGone
+                if not sink.items and not sink.ended:
+                    if flow.write_now is not None and last:
+                        sink.direct = direct
+                    await sink.arm()
+                    if flow.gone:
+                        raise ClientGone
+        finally:
+            sink.direct = None
 
     async def _end_stream(
         self,

@@ -10,6 +10,10 @@
   slow-client watchdog can abort a connection whose reader stopped: that
   unblocks the handler's pending write and ends the request through the
   ordinary disconnect path.
+- A synchronous write of a stream's next chunk (`GatewayCycle.write_now`, in
+  `scope["extensions"]["mss.write_now"]`): the replica stream's reader writes
+  a token to its client as the token arrives, without waking the request's
+  handler, while the client keeps up.
 - Limits on what a client may hold (`ConnectionLimits`): a request head must
   arrive within `header_timeout_s` of connecting or of its first byte, and
   within `MAX_HEAD_BYTES`; a body within `body_timeout_s` of its head; past
@@ -48,6 +52,8 @@ from gateway.errors import ApiError, send_error
 log = logging.getLogger("gateway")
 
 TRANSPORT_KEY = "mss.transport"
+WRITE_NOW_KEY = "mss.write_now"
+"""The cycle's `GatewayCycle.write_now`, for the token path."""
 MAX_HEAD_BYTES = 64 * 1024
 """Request line plus headers; a longer head is answered 431 (nginx allows 32 KiB)."""
 
@@ -105,15 +111,34 @@ def _framed(message: Any, method: str) -> bool:
     )
 
 
-class CloseDelimitedCycle(RequestResponseCycle):
+class GatewayCycle(RequestResponseCycle):
+    """uvicorn's cycle with a synchronous write for the token path (`write_now`)."""
+
+    close_delimited = False
+
+    def write_now(self, body: bytes) -> bool:
+        """Write a chunk of a started streaming response at once, without awaiting; False
+        when it has to go through `send` instead: the client's buffer is over its high
+        mark (`send` waits for it to drain), the connection is gone, or the response is
+        not a stream (uvicorn's own checks then apply)."""
+        if self.flow.write_paused or self.disconnected or self.response_complete:
+            return False
+        if self.chunked_encoding:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        elif self.close_delimited:
+            self.transport.write(body)
+        else:
+            return False
+        return True
+
+
+class CloseDelimitedCycle(GatewayCycle):
     """The cycle of an HTTP/1.0 request: a response of unknown length goes out unframed and
     ends when the connection closes. uvicorn would send it chunked, which HTTP/1.0 lacks.
 
     uvicorn closes every HTTP/1.0 connection after its response (and says so in a
     `connection: close` header); a response with a content-length is uvicorn's as is.
     """
-
-    close_delimited = False
 
     async def send(self, message: Any) -> None:
         if not self.response_started and message["type"] == "http.response.start":
@@ -202,9 +227,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if not pipelined:  # a pipelined request waits unread (uvicorn pauses reading)
             self.deadline = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
-        if self.scope.get("http_version") == "1.0" and type(self.cycle) is RequestResponseCycle:
-            # Its task is created but has not run: it sends through the subclass's `send`.
-            self.cycle.__class__ = CloseDelimitedCycle
+        cycle = self.cycle
+        if type(cycle) is RequestResponseCycle:
+            # Its task is created but has not run: it sends through the subclass.
+            http10 = self.scope.get("http_version") == "1.0"
+            cycle.__class__ = CloseDelimitedCycle if http10 else GatewayCycle
+            assert isinstance(cycle, GatewayCycle)
+            extensions: dict[str, Any] = self.scope["extensions"]  # type: ignore[assignment]
+            extensions[WRITE_NOW_KEY] = cycle.write_now
 
     def on_body(self, body: bytes) -> None:
         if not self.transport.is_closing():

@@ -81,10 +81,12 @@ class RequestStream(Protocol):
 class RequestSink:
     """The inbox of one request on a replica stream; bounded, never blocks the reader.
 
-    `push` appends a delta and wakes the waiting handler. When more than `limit`
-    deltas wait unread (the client is not reading), the request is cancelled on
-    the replica and the sink is marked overflowed. A request of n choices ends
-    when n deltas with a finish reason arrived, or at once on an error.
+    `push` appends a delta and wakes the waiting handler (or, for a stream's
+    tokens, hands it to `direct`, which writes it to the client at once). When
+    more than `limit` deltas wait unread (the client is not reading), the
+    request is cancelled on the replica and the sink is marked overflowed. A
+    request of n choices ends when n deltas with a finish reason arrived, or at
+    once on an error.
     """
 
     __slots__ = (
@@ -92,6 +94,7 @@ class RequestSink:
         "_waiter",
         "choices",
         "completion_offset",
+        "direct",
         "ended",
         "fresh",
         "held",
@@ -125,14 +128,18 @@ class RequestSink:
         self.completion_offset = 0
         """Tokens produced before this (migrated) request began: added to its last delta's
         completion count, so the usage covers the whole output."""
+        self.direct: Callable[[replica_pb2.RequestDelta], bool] | None = None
+        """The handler's way to write a token to its client at once, set while it streams:
+        a delta that is not a finish, arriving while the handler waits with nothing
+        queued, goes there instead of waking it (False: it could not, and is queued)."""
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     def push(self, delta: replica_pb2.RequestDelta) -> None:
         items = self.items
-        items.append(delta)
         finish = delta.finish_reason
         if finish:
+            items.append(delta)
             self.choices -= 1
             if self.choices <= 0 or finish == "error":
                 self.ended = True
@@ -150,6 +157,12 @@ class RequestSink:
                     output.token_ids.extend(ids)
                 if output.count_text:
                     output.text_chars += len(delta.text)
+            if not items and self.direct is not None:
+                waiter = self._waiter
+                # Only while the handler waits for deltas, never while it writes.
+                if waiter is not None and not waiter.done() and self.direct(delta):
+                    return
+            items.append(delta)
             if len(items) > self.limit and not self.overflowed:
                 self.overflowed = True
                 self.ended = True

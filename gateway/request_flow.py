@@ -8,7 +8,7 @@ them too (a cached or shared generation is written to its clients the same way).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,9 @@ class Flow:
 
     model: str
     transport: Any = None
+    write_now: Callable[[bytes], bool] | None = None
+    """The connection's synchronous write of a stream chunk (`GatewayCycle.write_now`);
+    None where the server is not the gateway's own (in-process test clients)."""
     task: asyncio.Task[Any] | None = None
     sink: RequestSink | None = None
     gone: bool = False

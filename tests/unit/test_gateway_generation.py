@@ -26,6 +26,7 @@ from gateway.api_models import GenerationInput, OutputOptions
 from gateway.errors import ApiError
 from gateway.gateway import Gateway, GatewayOptions, rejection_reason
 from gateway.generation import GenerationRequest, GenerationService, build_request
+from gateway.http_protocol import WRITE_NOW_KEY
 from gateway.migration import continuation
 from gateway.openai_stream import RichChatFormat, RichCompletionFormat
 from gateway.replica_client import Output, ReplicaClient, RequestSink
@@ -105,6 +106,8 @@ class FakeHttp:
         self.blocked = asyncio.Event()
         """Set while a body write is blocked."""
         self._resume = asyncio.Event()
+        self.direct_writes = 0
+        """Body chunks written through `write_now`, past the request's handler."""
 
     async def receive(self) -> dict[str, Any]:
         if self.body:
@@ -119,6 +122,15 @@ class FakeHttp:
             await self._resume.wait()
             self.blocked.clear()
         self.messages.append(message)
+
+    def write_now(self, body: bytes) -> bool:
+        """The connection's synchronous write (`GatewayCycle.write_now`): refused while
+        stalled, as when the client's buffer is over its high mark."""
+        if self.stalled:
+            return False
+        self.messages.append({"type": "http.response.body", "body": body, "more_body": True})
+        self.direct_writes += 1
+        return True
 
     def leave(self) -> None:
         self.gone.set()
@@ -248,6 +260,42 @@ async def test_a_stream_sends_tokens_in_order_then_usage(table: RoutingTable) ->
     assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert http.ended()
     assert fakes[0].cancelled == [] and fakes[1].requests == []  # finished: nothing to cancel
+    assert_released(svc, router, fakes)
+
+
+async def test_tokens_written_at_once_keep_their_order_with_the_handler_s(
+    table: RoutingTable,
+) -> None:
+    """With the connection's synchronous write, tokens after the first go out as they
+    arrive, past the handler; while the client's buffer is full they queue for the
+    handler, and the next ones wait behind them; the finish is always the handler's."""
+    router, fakes = model_router(table, "direct")
+    svc, http = service(), FakeHttp()
+    scope = {"extensions": {WRITE_NOW_KEY: http.write_now}}
+    task = asyncio.create_task(
+        svc.run(scope, http.receive, http.send, router, generation("direct"))
+    )
+    await until(lambda: fakes[0].sinks, "the request reaching a replica")
+    fakes[0].say("a")
+    await until(lambda: len(http.events()) == 1, "the first token")
+    assert http.direct_writes == 0  # the first token (and the head) are the handler's
+    fakes[0].say("b", "c")
+    assert http.direct_writes == 2 and len(http.events()) == 3  # written at once
+    http.stalled = True
+    fakes[0].say("d")  # refused: queued for the handler, whose write blocks
+    await until(lambda: http.blocked.is_set(), "the handler's write to block")
+    fakes[0].say("e")  # behind "d": queued, not written past it
+    assert http.direct_writes == 2
+    http.read_again()
+    await until(lambda: len(http.events()) == 5, "the queued tokens")
+    fakes[0].say("f")
+    await until(lambda: len(http.events()) == 6, "a token after the queue emptied")
+    fakes[0].say("g", finish="stop", usage=(1, 7))
+    assert await task == 200
+    *tokens, last = http.events()
+    assert [t["token"] for t in tokens] == ["a", "b", "c", "d", "e", "f", "g"]
+    assert last["finished"] and http.ended()
+    assert http.direct_writes == 3  # b, c and f
     assert_released(svc, router, fakes)
 
 
