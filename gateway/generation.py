@@ -396,11 +396,11 @@ class GenerationService:
         headers: list[tuple[bytes, bytes]],
     ) -> int:
         # The per-token loop: kept flat (no helper coroutines) since it runs once per
-        # token per stream. Once the first token is out, a token that arrives while this
-        # loop waits is written by the replica stream's reader itself (`direct`, through
-        # the connection's `write_now`): no wake of this task per token while the client
-        # keeps up. A finish, an error, a client whose buffer is full or a token behind
-        # others still queued come here.
+        # token per stream. Once the first token is out, tokens that arrive while this
+        # loop waits are written by the replica stream's reader itself (`direct`, through
+        # the connection's `write_now`, once per reply): no wake of this task per token
+        # while the client keeps up. A finish, an error, a client whose buffer is full or
+        # tokens behind others still queued come here.
         m = router.metrics
         token = fmt.token
         sink = lease.sink
@@ -410,11 +410,11 @@ class GenerationService:
         write_now = flow.write_now or _cannot_write
         last = 0.0
 
-        def direct(delta: replica_pb2.RequestDelta) -> bool:
+        def direct(deltas: list[replica_pb2.RequestDelta]) -> bool:
             nonlocal last
-            text = delta.text
-            if text:
-                if not write_now(token(text)):
+            body = b"".join([token(d.text) for d in deltas if d.text])
+            if body:
+                if not write_now(body):
                     return False
                 now = loop_time()
                 observe_itl(now - last)

@@ -82,7 +82,8 @@ class RequestSink:
     """The inbox of one request on a replica stream; bounded, never blocks the reader.
 
     `push` appends a delta and wakes the waiting handler (or, for a stream's
-    tokens, hands it to `direct`, which writes it to the client at once). When
+    tokens, holds it for `flush`, which the reader calls once per reply and
+    which writes them to the client through `direct`). When
     more than `limit` deltas wait unread (the client is not reading), the
     request is cancelled on the replica and the sink is marked overflowed. A
     request of n choices ends when n deltas with a finish reason arrived, or at
@@ -95,6 +96,7 @@ class RequestSink:
         "choices",
         "completion_offset",
         "direct",
+        "direct_deltas",
         "ended",
         "fresh",
         "held",
@@ -128,17 +130,23 @@ class RequestSink:
         self.completion_offset = 0
         """Tokens produced before this (migrated) request began: added to its last delta's
         completion count, so the usage covers the whole output."""
-        self.direct: Callable[[replica_pb2.RequestDelta], bool] | None = None
-        """The handler's way to write a token to its client at once, set while it streams:
-        a delta that is not a finish, arriving while the handler waits with nothing
-        queued, goes there instead of waking it (False: it could not, and is queued)."""
+        self.direct: Callable[[list[replica_pb2.RequestDelta]], bool] | None = None
+        """The handler's way to write tokens to its client at once, set while it streams:
+        deltas that are not a finish, arriving while the handler waits with nothing
+        queued, are held and written there by `flush`, instead of waking it (False: it
+        could not, and they are queued for the handler)."""
+        self.direct_deltas: list[replica_pb2.RequestDelta] = []
+        """Tokens held for `direct` until the reader's `flush`."""
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
-    def push(self, delta: replica_pb2.RequestDelta) -> None:
+    def push(self, delta: replica_pb2.RequestDelta) -> bool:
+        """Take a delta; True when it is the first held for `flush` (the reader then calls
+        `flush` once it has handed out the whole reply)."""
         items = self.items
         finish = delta.finish_reason
         if finish:
+            self._unhold()
             items.append(delta)
             self.choices -= 1
             if self.choices <= 0 or finish == "error":
@@ -160,8 +168,10 @@ class RequestSink:
             if not items and self.direct is not None:
                 waiter = self._waiter
                 # Only while the handler waits for deltas, never while it writes.
-                if waiter is not None and not waiter.done() and self.direct(delta):
-                    return
+                if waiter is not None and not waiter.done():
+                    direct = self.direct_deltas
+                    direct.append(delta)
+                    return len(direct) == 1
             items.append(delta)
             if len(items) > self.limit and not self.overflowed:
                 self.overflowed = True
@@ -170,6 +180,26 @@ class RequestSink:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        return False
+
+    def flush(self) -> None:
+        """Write the tokens held for the handler's `direct` in one write; when it cannot,
+        they go to the handler like any other delta."""
+        held = self.direct_deltas
+        if not held:
+            return
+        direct = self.direct
+        self.direct_deltas = []
+        if direct is not None and direct(held):
+            return
+        self.items[:0] = held
+        self.wake()
+
+    def _unhold(self) -> None:
+        """A delta that goes to the handler goes behind the tokens held for `flush`."""
+        if self.direct_deltas:
+            self.items[:0] = self.direct_deltas
+            self.direct_deltas = []
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -305,7 +335,11 @@ class GenerateStream:
                 # A reply may hold several deltas of one request (its n choices, or
                 # steps the replica coalesced): once one of them waits, the request's
                 # later ones wait behind it, so each request's deltas keep their order.
+                # Tokens a waiting handler's `direct` takes are held in its sink and
+                # written once the whole reply is handed out: one write per client per
+                # reply, however many of its steps the reply holds.
                 later: list[tuple[RequestSink, replica_pb2.RequestDelta]] = []
+                flush: list[RequestSink] = []
                 for delta in reply.deltas:
                     rid = delta.request_id
                     sink = pending.get(rid)
@@ -325,9 +359,12 @@ class GenerateStream:
                         later.append((sink, delta))
                 for sink, delta in later:
                     sink.held = False
-                    sink.push(delta)
+                    if sink.push(delta):
+                        flush.append(sink)
                     if delta.finish_reason and sink.ended:
                         self._finished(delta.request_id, delta)
+                for sink in flush:
+                    sink.flush()
                 if reply.applied:
                     self.acknowledge(reply.applied)
                 load = reply.load

@@ -84,6 +84,7 @@ class FakeReplica(ReplicaClient):
                     completion_tokens=usage[1] if last else 0,
                 )
             )
+        sink.flush()  # as the stream's reader does after each reply
 
     def fail(self, code: grpc.StatusCode, message: str = "replica failed") -> None:
         """The latest request ends with an error delta, as a replica or a broken stream sends."""
@@ -279,13 +280,13 @@ async def test_tokens_written_at_once_keep_their_order_with_the_handler_s(
     fakes[0].say("a")
     await until(lambda: len(http.events()) == 1, "the first token")
     assert http.direct_writes == 0  # the first token (and the head) are the handler's
-    fakes[0].say("b", "c")
-    assert http.direct_writes == 2 and len(http.events()) == 3  # written at once
+    fakes[0].say("b", "c")  # one reply: one write
+    assert http.direct_writes == 1 and len(http.events()) == 3  # written at once
     http.stalled = True
     fakes[0].say("d")  # refused: queued for the handler, whose write blocks
     await until(lambda: http.blocked.is_set(), "the handler's write to block")
     fakes[0].say("e")  # behind "d": queued, not written past it
-    assert http.direct_writes == 2
+    assert http.direct_writes == 1
     http.read_again()
     await until(lambda: len(http.events()) == 5, "the queued tokens")
     fakes[0].say("f")
@@ -295,7 +296,7 @@ async def test_tokens_written_at_once_keep_their_order_with_the_handler_s(
     *tokens, last = http.events()
     assert [t["token"] for t in tokens] == ["a", "b", "c", "d", "e", "f", "g"]
     assert last["finished"] and http.ended()
-    assert http.direct_writes == 3  # b, c and f
+    assert http.direct_writes == 2  # b and c together, then f
     assert_released(svc, router, fakes)
 
 

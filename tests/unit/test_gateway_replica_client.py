@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 
 import grpc
 import pytest
@@ -232,9 +233,9 @@ async def test_writes_wait_for_the_replica_to_apply_the_ones_before(
     servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=1))
     stream = client._streams[0]
     await until(lambda: stream.acking, "the acknowledgement")
-    for rid in ("b", "c"):  # up to the limit of two messages not applied
+    for count, rid in ((2, "b"), (3, "c")):  # up to the limit of two messages not applied
         sinks.append(client.submit(request(rid), 16))
-        await until(lambda: servicer.requests[-1] == rid, f"request {rid}")
+        await until(partial(lambda n: len(servicer.requests) == n, count), f"request {rid}")
     assert UNAPPLIED_LIMIT == 2 and not stream.idle
     sinks += [client.submit(request(rid), 16) for rid in ("d", "e")]
     await asyncio.sleep(0.1)

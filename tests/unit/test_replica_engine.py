@@ -178,10 +178,12 @@ async def test_cancelling_a_pushed_request_aborts_it() -> None:
 async def test_a_failing_push_fails_its_request_only() -> None:
     engine = await started(token_interval_ms=5)
     try:
+
         def broken(delta: Delta) -> None:
             raise RuntimeError("consumer bug")
 
-        bad = asyncio.create_task(engine.stream_to(await engine.prepare(request("b"), "1-b"), broken))
+        prepared = await engine.prepare(request("b"), "1-b")
+        bad = asyncio.create_task(engine.stream_to(prepared, broken))
         good: list[Delta] = []
         await engine.stream_to(await engine.prepare(request("g"), "1-g"), good.append)
         with pytest.raises(RuntimeError, match="consumer bug"):
