@@ -83,11 +83,10 @@ class RequestSink:
 
     `push` appends a delta and wakes the waiting handler (or, for a stream's
     tokens, holds it for `flush`, which the reader calls once per reply and
-    which writes them to the client through `direct`). When
-    more than `limit` deltas wait unread (the client is not reading), the
-    request is cancelled on the replica and the sink is marked overflowed. A
-    request of n choices ends when n deltas with a finish reason arrived, or at
-    once on an error.
+    which writes them to the client through `direct`). When more than `limit`
+    deltas wait unread (the client is not reading), the request is cancelled on
+    the replica and the sink is marked overflowed. A request of n choices ends
+    when n deltas with a finish reason arrived, or at once on an error.
     """
 
     __slots__ = (
@@ -353,7 +352,8 @@ class GenerateStream:
                             self._finished(rid, delta)
                     elif sink.fresh:
                         sink.fresh = False
-                        sink.push(delta)
+                        if sink.push(delta):
+                            flush.append(sink)
                     else:
                         sink.held = True
                         later.append((sink, delta))

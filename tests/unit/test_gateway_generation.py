@@ -349,18 +349,28 @@ def say_ids(fake: FakeReplica, text: str, ids: list[int], finish: str = "", usag
             completion_tokens=usage,
         )
     )
+    sink.flush()
 
 
+@pytest.mark.parametrize("write_now", [False, True], ids=["handler", "write-now"])
 async def test_a_replica_failing_after_the_first_token_hands_the_rest_to_another(
-    table: RoutingTable,
+    table: RoutingTable, write_now: bool
 ) -> None:
+    """The same whether the tokens go through the handler or are written at once (the
+    continuation's first token then too)."""
     router, fakes = model_router(table, "late-failure")
     svc, http = service(), FakeHttp()
-    task = start(svc, router, http, generation("late-failure"))
+    scope = {"extensions": {WRITE_NOW_KEY: http.write_now}} if write_now else {}
+    moved = metrics.MIGRATIONS.labels("late-failure", "unavailable", "moved")
+    moved_before = moved._value.get()
+    task = asyncio.create_task(
+        svc.run(scope, http.receive, http.send, router, generation("late-failure"))
+    )
     await until(lambda: fakes[0].sinks, "the request reaching a replica")
     say_ids(fakes[0], "partial", [7])
+    await until(lambda: http.events(), "the first token")
     say_ids(fakes[0], " text", [8, 9])
-    await until(lambda: http.events(), "the first tokens")
+    await until(lambda: len(http.events()) == 2, "the second token")
     fakes[0].stats.healthy = False  # what a broken stream or UNAVAILABLE does to a replica
     fakes[0].fail(grpc.StatusCode.UNAVAILABLE, "engine died")
 
@@ -370,16 +380,18 @@ async def test_a_replica_failing_after_the_first_token_hands_the_rest_to_another
     assert not cont.resume.HasField("text_chars")  # no stop strings: nothing was held back
     assert cont.sampling.max_tokens == 16 - 3 and cont.prompt == "hello"
     assert cont.request_id == "rid.m1"
-    say_ids(fakes[1], " goes on", [10], finish="stop", usage=1)
+    await until(lambda: fakes[1].sinks[-1]._waiter is not None, "the handler to wait")
+    say_ids(fakes[1], " goes on", [10])
+    say_ids(fakes[1], "", [], finish="stop", usage=1)
 
     assert await task == 200
+    assert http.direct_writes == (2 if write_now else 0)  # " text", " goes on"
     events = http.events()
     assert [e["token"] for e in events] == ["partial", " text", " goes on", ""]
     assert events[-1]["finish_reason"] == "stop"
     assert events[-1]["usage"]["completion_tokens"] == 4  # 3 before the move, 1 after
     assert b"event: error" not in http.body_bytes
-    moved = metrics.MIGRATIONS.labels("late-failure", "unavailable", "moved")
-    assert moved._value.get() == 1
+    assert moved._value.get() == moved_before + 1
     assert_released(svc, router, fakes)
 
 
