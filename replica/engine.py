@@ -12,10 +12,13 @@ implementation only says how it renders, tokenizes, streams and aborts:
 - `Engine.prepare` validates a request before it is admitted (the server
   answers INVALID_ARGUMENT with the field and the reason), renders and
   tokenizes it and builds the engine's own sampling parameters on a worker
-  thread, off the event loop that serves every other stream;
+  thread, off the event loop that serves every other stream (a small request
+  on the loop itself, when the thread is idle);
 - `Engine.generate` streams `Delta`s (what one choice produced in one engine
   step; the request's totals on its last one) and is the one place where a
-  cancelled request is aborted, all of its choices at once;
+  cancelled request is aborted, all of its choices at once; `Engine.stream_to`
+  hands the same deltas to a callback, the server's way (the fake engine calls
+  it from its clock, for every request in one go);
 - `Engine.tokenize` and `Engine.detokenize` answer the Tokenize and
   Detokenize RPCs with the same rendering as `prepare`.
 """
@@ -111,6 +114,11 @@ class EngineLoad:
     """Hits over queries for the last `PREFIX_CACHE_WINDOW` requests (`PrefixCacheWindow`)."""
 
 
+INLINE_PREPARE_BYTES = 1024
+"""A request this small on the wire is prepared on the event loop (`Engine.prepare`):
+measured with the bundled model's tokenizer, a chat of 40 characters renders and
+tokenizes in about 0.5 ms, one of 1,000 in 0.9 ms, one of 3,900 in 3.5 ms."""
+
 PREFIX_CACHE_WINDOW = 1000
 """Requests the prefix-cache hit rate is taken over: vLLM's own log line uses as many."""
 
@@ -172,6 +180,10 @@ class Engine(abc.ABC):
         self._tokenizer_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{self.model_name}-tokenize"
         )
+        self._jobs_submitted = 0
+        """Requests handed to the tokenizer thread (counted on the event loop)..."""
+        self._jobs_done = 0
+        """...and those it has finished (counted on the thread): each has one writer."""
         self.dead = asyncio.Event()
         """Set once the engine died; the replica then stops so its scheduler restarts it."""
         self.death = ""
@@ -219,12 +231,37 @@ class Engine(abc.ABC):
         other stream of this replica, so it runs on the tokenizer thread (HF
         fast tokenizers release the GIL in their Rust core). Reshaping the
         input is cheap and stays on the loop.
+
+        A small request (`INLINE_PREPARE_BYTES` on the wire, no output
+        constraint) is prepared on the loop when the thread has nothing queued:
+        under a millisecond of work (the chat template's rendering is Python
+        and holds the GIL on either thread), where the hand-over costs more
+        under load (a future and a wake-up per request, each waiting for the
+        GIL the busy loop holds). Requests still reach the engine in the order
+        they were applied: nothing is prepared here while the thread has work.
         """
         source = prompt_source(request)
+        if (
+            self._jobs_submitted == self._jobs_done
+            and request.ByteSize() <= INLINE_PREPARE_BYTES
+            and not request.sampling.HasField("structured")
+        ):
+            return self._prepare(request, source, engine_request_id)
         loop = asyncio.get_running_loop()
+        self._jobs_submitted += 1
         return await loop.run_in_executor(
-            self._tokenizer_thread, self._prepare, request, source, engine_request_id
+            self._tokenizer_thread, self._prepare_counted, request, source, engine_request_id
         )
+
+    def _prepare_counted(
+        self, request: replica_pb2.GenerateRequest, source: PromptSource, engine_request_id: str
+    ) -> Prepared:
+        """`_prepare` on the tokenizer thread, counted done there (a request cancelled while
+        its prompt is tokenized still holds the thread until it is)."""
+        try:
+            return self._prepare(request, source, engine_request_id)
+        finally:
+            self._jobs_done += 1
 
     def _prepare(
         self, request: replica_pb2.GenerateRequest, source: PromptSource, engine_request_id: str

@@ -466,6 +466,10 @@ def completion(request_id: str, prompt: str, **sampling: object) -> replica_pb2.
     )
 
 
+LONG = " and so on" * 120
+"""Makes a prompt long enough to be prepared on the tokenizer thread, not on the loop."""
+
+
 class RecordingEngine(FakeEngine):
     """The fake engine, recording which thread tokenized, in what order, and what was aborted."""
 

@@ -15,7 +15,7 @@ from protos import replica_pb2
 from replica.engine import Delta, InvalidRequest, PrefixCacheWindow
 from replica.fake_engine import id_for
 from replica.vllm_engine import VllmEngine
-from tests.support import RecordingEngine, chat, completion
+from tests.support import LONG, RecordingEngine, chat, completion
 
 
 def request(rid: str, prompt: str = "hello there world") -> replica_pb2.GenerateRequest:
@@ -56,7 +56,7 @@ async def test_tokenizing_runs_off_the_event_loop_while_the_loop_goes_on() -> No
 
     task = asyncio.create_task(ticker())
     try:
-        await engine.prepare(request("a", "slow prompt"), "1-a")
+        await engine.prepare(request("a", "slow prompt" + LONG), "1-a")
         assert len(engine.tokenized_on) == 1
         assert engine.tokenized_on[0] != threading.get_ident()
         assert ticks >= 5, f"the loop ticked {ticks} times during a 0.2 s tokenization"
@@ -65,13 +65,28 @@ async def test_tokenizing_runs_off_the_event_loop_while_the_loop_goes_on() -> No
         await engine.shutdown()
 
 
+async def test_a_small_request_is_prepared_on_the_loop_unless_the_thread_has_work() -> None:
+    engine = await started()
+    try:
+        await engine.prepare(request("a", "short"), "1-a")
+        assert engine.tokenized_on == [threading.get_ident()]
+        slow = asyncio.create_task(engine.prepare(request("b", "slow" + LONG), "1-b"))
+        await asyncio.sleep(0)
+        await engine.prepare(request("c", "short again"), "1-c")  # behind the slow one
+        await slow
+        assert engine.tokenized == ["short", "slow" + LONG, "short again"]
+        assert engine.tokenized_on[1] == engine.tokenized_on[2] != threading.get_ident()
+    finally:
+        await engine.shutdown()
+
+
 async def test_requests_are_tokenized_in_arrival_order() -> None:
     engine = await started()
     try:
-        slow = asyncio.create_task(engine.prepare(request("a", "slow first"), "1-a"))
+        slow = asyncio.create_task(engine.prepare(request("a", "slow first" + LONG), "1-a"))
         fast = asyncio.create_task(engine.prepare(request("b", "fast second"), "1-b"))
         await asyncio.gather(slow, fast)
-        assert engine.tokenized == ["slow first", "fast second"]
+        assert engine.tokenized == ["slow first" + LONG, "fast second"]
     finally:
         await engine.shutdown()
 

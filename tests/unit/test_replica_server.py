@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from protos import replica_pb2
 from replica.server import ReplicaService
-from tests.support import RecordingEngine, completion
+from tests.support import LONG, RecordingEngine, completion
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 Message = replica_pb2.GenerateClientMessage
@@ -89,7 +89,7 @@ async def test_streams_go_on_while_a_prompt_is_tokenized() -> None:
     try:
         client.send(generate("fast", "a b c", max_tokens=5))
         await asyncio.wait_for(client.changed.wait(), 5)  # fast is streaming
-        client.send(generate("slow", "slow prompt to tokenize"))  # 0.2 s on the tokenizer
+        client.send(generate("slow", "slow prompt to tokenize" + LONG))  # 0.2 s on the thread
         fast = await client.finished("fast")
         assert fast.finish_reason == "length"
         assert not client.deltas["slow"], "fast finished while slow was still being tokenized"
@@ -150,14 +150,14 @@ async def test_a_cancel_during_tokenization_never_reaches_the_engine() -> None:
     aborted_before = outcomes("echo", "abort")
     client = Client(service)
     try:
-        client.send(generate("gone", "slow prompt", max_tokens=50))
+        client.send(generate("gone", "slow prompt" + LONG, max_tokens=50))
         assert await asyncio.to_thread(engine.tokenizing.wait, 5)
         client.send(Message(cancel=replica_pb2.CancelRequest(request_id="gone")))
         # Tokenized after "gone" (one tokenizer thread), so it ends well after the cancel.
         client.send(generate("next", "a b"))
         assert (await client.finished("next")).finish_reason == "length"
         assert not client.deltas["gone"]
-        assert engine.tokenized == ["slow prompt", "a b"]
+        assert engine.tokenized == ["slow prompt" + LONG, "a b"]
         assert engine.aborted == []  # nothing was in the engine to abort
         assert outcomes("echo", "abort") == aborted_before + 1
         # The last delta goes out as the engine produces it; the slot comes back once the
