@@ -15,10 +15,10 @@ implementation only says how it renders, tokenizes, streams and aborts:
   thread, off the event loop that serves every other stream (a small request
   on the loop itself, when the thread is idle);
 - `Engine.generate` streams `Delta`s (what one choice produced in one engine
-  step; the request's totals on its last one) and is the one place where a
-  cancelled request is aborted, all of its choices at once; `Engine.stream_to`
-  hands the same deltas to a callback, the server's way (the fake engine calls
-  it from its clock, for every request in one go);
+  step; the request's totals on its last one) and aborts a cancelled request,
+  all of its choices at once; `Engine.stream_to`, the server's way, hands the
+  same deltas to a callback and aborts the same way (the fake engine calls it
+  from its clock, for every request in one go);
 - `Engine.tokenize` and `Engine.detokenize` answer the Tokenize and
   Detokenize RPCs with the same rendering as `prepare`.
 """
@@ -360,7 +360,7 @@ class Engine(abc.ABC):
     # ----- streaming and cancellation ----------------------------------------------------
 
     async def generate(self, prepared: Prepared) -> AsyncGenerator[Delta, None]:
-        """Stream one request's deltas; the one place a cancelled request is aborted.
+        """Stream one request's deltas; a cancelled request is aborted here.
 
         The cancellation path, end to end: a client leaves, so the gateway
         cancels its handler, which sends a CancelRequest or ends the Generate

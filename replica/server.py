@@ -6,7 +6,10 @@ task feeding the stream's outbox; the stream's writer sends everything in the
 outbox as one `GenerateReply`. Because the engine hands out the outputs of one
 step to all its requests in one go, one reply carries one engine step for
 every request on the stream: the per-token cost of Python gRPC is paid once
-per step, not once per token per request.
+per step, not once per token per request. Each reply also says how many of
+the gateway's messages the stream has applied (`GenerateReply.applied`), and
+one goes out as soon as a message is applied, tokens or not: the gateway holds
+its next message until then (`gateway.replica_client.GenerateStream._write`).
 
 Each request's task first has the engine tokenize it (off the event loop, see
 `Engine.prepare`), then streams its deltas: one per choice per engine step,
@@ -18,8 +21,8 @@ request were handled at once.
 
 Cancellation has one path: a CancelRequest, the stream ending or a drain
 deadline cancels the request's task (`_Stream.cancel`, `_Stream.cancel_all`),
-and `Engine.generate` aborts the engine request as the CancelledError passes
-through it; its docstring tells the whole path.
+and `Engine.stream_to` aborts the engine request as the CancelledError passes
+through it (`Engine.generate`'s docstring tells the whole path).
 
 Tokenize and Detokenize are plain unary calls: the same rendering as Generate,
 with no engine slot taken.
@@ -218,7 +221,7 @@ class _Stream:
     def cancel(self, rid: str) -> None:
         """The gateway's CancelRequest: cancel the request's task; unknown ids are ignored.
 
-        That is all the server does; `Engine.generate` aborts the engine request
+        That is all the server does; `Engine.stream_to` aborts the engine request
         as the CancelledError passes through it, wherever the task is (a request
         still being tokenized has nothing in the engine yet).
         """
@@ -287,7 +290,7 @@ class _Stream:
         self.wake.set()
         elapsed = time.monotonic() - admitted
         if task.cancelled():
-            # Engine.generate aborted the engine request, if it had reached the engine.
+            # Engine.stream_to aborted the engine request, if it had reached the engine.
             outcome: str | None = "abort"
             log.info("aborted after %.3f s", elapsed)
         else:
