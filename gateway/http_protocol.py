@@ -12,8 +12,8 @@
   ordinary disconnect path.
 - A synchronous write of a stream's next chunk (`GatewayCycle.write_now`, in
   `scope["extensions"]["mss.write_now"]`): the replica stream's reader writes
-  a token to its client as the token arrives, without waking the request's
-  handler, while the client keeps up.
+  a stream's tokens to its client once per reply, without waking the
+  request's handler, while the client keeps up.
 - Limits on what a client may hold (`ConnectionLimits`): a request head must
   arrive within `header_timeout_s` of connecting or of its first byte, and
   within `MAX_HEAD_BYTES`; a body within `body_timeout_s` of its head; past

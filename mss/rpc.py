@@ -70,7 +70,10 @@ STREAM_CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 64 * 1024),
 ]
-"""A gateway's Generate streams to a replica: large messages, keepalive, quick reconnect."""
+"""A gateway's Generate streams to a replica: large messages, keepalive, quick reconnect,
+and a fixed 64 KiB window for replies (no bandwidth probing, which grew it to megabytes):
+under load a replica's replies then wait in the replica, where the next one takes in
+more steps, instead of queuing in the connection behind each other."""
 
 UNARY_CHANNEL_OPTIONS: list[tuple[str, int]] = list(_FAST_RECONNECT)
 """Short calls with their own deadlines: heartbeats, Health probes, admin calls."""
