@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--bench-kit", default=str(ROOT.parent / "shared" / "bench"))
-    p.add_argument("--bench-work", default=os.environ.get("BENCH_WORK", "/tmp/router-bench"))
+    default_work = os.environ.get("BENCH_WORK") or str(
+        Path(os.environ.get("TMPDIR", "/tmp")) / "router-bench"
+    )
+    p.add_argument("--bench-work", default=default_work, help="the kit's work folder")
     p.add_argument("--kit-python", default=None, help="python for the kit (default: its venv-base)")
     p.add_argument("--concurrency", default="16,64")
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per point")
