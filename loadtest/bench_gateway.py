@@ -416,22 +416,26 @@ def start_targets(args: argparse.Namespace, kit: Path, procs: Procs) -> list[Tar
     return targets
 
 
+def window_args(c: int, duration: float, warmup: float, out: Path, label: str) -> list[str]:
+    """The load generators' shared arguments: concurrency, window, where results go."""
+    window = ["-c", str(c), "-d", str(duration), "--warmup", str(warmup)]
+    return [*window, "--json", str(out), "--label", label]
+
+
+def run_load(cmd: list[str], label: str, c: int, timeout: float) -> None:
+    """Run one load generator to its end; its summary goes to stdout, a failure is said."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        print(f"# {label} C={c} failed:\n{done.stderr[-2000:]}")
+
+
 def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Path) -> None:
     watch = ["--watch", f"router={target.pid}"]
     if target.backend_pid:
         watch += ["--watch", f"backend={target.backend_pid}"]
-    common = [
-        "-c",
-        str(c),
-        "-d",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
-        "--json",
-        str(out),
-        "--label",
-        target.label,
-    ]
+    common = window_args(c, args.duration, args.warmup, out, target.label)
     if target.grpc:
         cmd = [
             sys.executable,
@@ -460,12 +464,7 @@ def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Pa
             *watch,
             *common,
         ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    limit = args.duration + args.warmup + 180
-    done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=limit, capture_output=True, text=True)
-    sys.stdout.write(done.stdout)
-    if done.returncode != 0:
-        print(f"# {target.label} C={c} failed:\n{done.stderr[-2000:]}")
+    run_load(cmd, target.label, c, args.duration + args.warmup + 180)
 
 
 def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:

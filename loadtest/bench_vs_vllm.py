@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_gateway import Procs, free_port, normalise, wait_http
+from loadtest.bench_gateway import Procs, free_port, normalise, run_load, wait_http, window_args
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtest" / "results"
@@ -144,24 +144,12 @@ def measure(
         PROMPT,
         "--max-tokens",
         str(args.max_tokens),
-        "-c",
-        str(c),
-        "-d",
-        str(args.duration),
-        "--warmup",
-        str(args.warmup),
         "--req-timeout",
         "300",
-        "--json",
-        str(out),
-        "--label",
-        label,
+        *window_args(c, args.duration, args.warmup, out, label),
         *watch,
     ]
-    done = subprocess.run(cmd, timeout=args.duration + args.warmup + 600, capture_output=True)
-    sys.stdout.write(done.stdout.decode())
-    if done.returncode != 0:
-        print(f"# {label} C={c} failed:\n{done.stderr.decode()[-2000:]}")
+    run_load(cmd, label, c, args.duration + args.warmup + 600)
 
 
 def report(rows: list[dict[str, Any]]) -> str:
