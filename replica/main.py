@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 import uuid
 
 import grpc
@@ -32,7 +33,7 @@ from mss.processes import write_exit_reason
 from mss.rpc import SERVER_OPTIONS
 from mss.rpc_auth import REPLICA_RULES, AuthInterceptor, add_port
 from protos import replica_pb2_grpc
-from replica.engine import create_engine
+from replica.engine import Engine, create_engine
 from replica.model_store import ModelError
 from replica.server import ReplicaService
 
@@ -152,7 +153,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
 
     code = 0
-    loading = asyncio.create_task(engine.start(), name="engine-load")
+    loading = asyncio.create_task(_load(engine), name="engine-load")
     stopping = asyncio.create_task(stop.wait(), name="stop-signal")
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is None:
@@ -187,3 +188,11 @@ async def serve(
     await engine.shutdown()
     log.info("replica %s stopped", replica_id)
     return code
+
+
+async def _load(engine: Engine) -> None:
+    """Start the engine, then warm its request path (`Engine.warm_up`) before serving."""
+    await engine.start()
+    started = time.monotonic()
+    await engine.warm_up()
+    log.info("request path warmed in %.2f s", time.monotonic() - started)

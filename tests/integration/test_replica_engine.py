@@ -39,6 +39,11 @@ def test_health_not_ready_while_loading_then_ready(real_replica: Proc) -> None:
 
     reply = health(real_replica.address)
     assert reply.ready and reply.model == "smollm2" and reply.max_model_len == 2048
+    # The first chat's rendering (vLLM's renderer compiles the template) is paid before
+    # the replica says it is ready, not by the first request.
+    log = real_replica.log()
+    assert "request path warmed" in log, log[-2000:]
+    assert log.index("request path warmed") < log.index("ready: smollm2")
 
 
 async def test_capital_of_france_at_temperature_zero(real_replica: Proc) -> None:

@@ -80,6 +80,19 @@ async def test_a_small_request_is_prepared_on_the_loop_unless_the_thread_has_wor
         await engine.shutdown()
 
 
+async def test_the_warm_up_prepares_a_chat_and_a_prompt_on_the_thread() -> None:
+    engine = await started()
+    try:
+        await engine.warm_up()
+        assert engine.tokenized == ["", "Hi"]  # a chat (rendered from messages), a prompt
+        assert all(t != threading.get_ident() for t in engine.tokenized_on)
+        assert engine._jobs_submitted == engine._jobs_done  # the next request may go inline
+        await engine.prepare(request("a", "short"), "1-a")
+        assert engine.tokenized_on[-1] == threading.get_ident()
+    finally:
+        await engine.shutdown()
+
+
 async def test_requests_are_tokenized_in_arrival_order() -> None:
     engine = await started()
     try:
