@@ -44,6 +44,9 @@ INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 """The status of a request the replica's engine failed."""
 UNAPPLIED_LIMIT = 2
 """Messages a Generate stream may have written that the replica has not yet applied."""
+WRITE_SLICE_S = 0.002
+"""Loop time a replica stream's reader spends writing tokens to clients before it lets
+the rest of the event loop run (new requests, first tokens, finishes)."""
 PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_DELAY_S = 2.0
 TOKENIZE_TIMEOUT_S = 10.0
@@ -321,12 +324,15 @@ class GenerateStream:
         client = self.client
         stats = client.stats
         pending = self.pending
+        loop_time = asyncio.get_running_loop().time
         reason = "stream ended"
         try:
             while True:
                 reply = await self.call.read()
                 if reply is grpc.aio.EOF:
                     break
+                if reply.applied:
+                    self.acknowledge(reply.applied)
                 # A request's first and last outputs are handed out before the others,
                 # so their handlers run first: with hundreds of streams advancing in one
                 # engine step, time to first token and to the end of a response do not
@@ -363,10 +369,16 @@ class GenerateStream:
                         flush.append(sink)
                     if delta.finish_reason and sink.ended:
                         self._finished(delta.request_id, delta)
+                # Tokens of running streams go out in slices: between two, whatever else
+                # is ready runs (a new request's handler, the writer sending it, a first
+                # token), so new requests do not wait behind a whole reply's writes. The
+                # tokens of a later reply wait for this one's: each stream keeps its order.
+                slice_end = loop_time() + WRITE_SLICE_S
                 for sink in flush:
                     sink.flush()
-                if reply.applied:
-                    self.acknowledge(reply.applied)
+                    if loop_time() > slice_end:
+                        await asyncio.sleep(0)
+                        slice_end = loop_time() + WRITE_SLICE_S
                 load = reply.load
                 stats.running = load.running
                 stats.waiting = load.waiting

@@ -7,13 +7,20 @@ release and on buffer overflow, stream failure, and health transitions.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 
 import grpc
 import pytest
 
-from gateway.replica_client import UNAPPLIED_LIMIT, UNAVAILABLE, ReplicaClient, RequestSink
+from gateway.replica_client import (
+    UNAPPLIED_LIMIT,
+    UNAVAILABLE,
+    WRITE_SLICE_S,
+    ReplicaClient,
+    RequestSink,
+)
 from protos import replica_pb2, replica_pb2_grpc
 
 MODEL = "m"
@@ -316,4 +323,52 @@ async def test_several_deltas_of_one_request_in_one_reply_keep_their_order(
     assert "".join(texts(sink)) == "abcd"
     client.release(sink)
     assert servicer.cancels == []
+    await client.close()
+
+
+async def test_a_replys_token_writes_let_the_loop_run_in_between(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    """Tokens written by the reader (`direct`) go out in slices of `WRITE_SLICE_S`: other
+    tasks run between two slices (new requests are not held behind the whole reply),
+    and the writes keep the reply's order."""
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    rids = [f"s{i}" for i in range(12)]
+    sinks = [client.submit(request(rid), 16) for rid in rids]
+    await until(lambda: servicer.requests == rids, "the requests")
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta(r, "a") for r in rids]))
+    await until(lambda: all(sink.items for sink in sinks), "the first tokens")
+    ticks = 0
+    written: list[tuple[str, int]] = []
+
+    def writer(rid: str, deltas: list[replica_pb2.RequestDelta]) -> bool:
+        written.append((rid, ticks))
+        time.sleep(WRITE_SLICE_S)  # a slow write: each one fills a slice
+        return True
+
+    for rid, sink in zip(rids, sinks, strict=True):
+        sink.take()
+        sink.direct = partial(writer, rid)
+        sink.arm()  # the handler waits: the reader writes its tokens
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta(r, "b") for r in rids]))
+        await until(lambda: len(written) == len(rids), "the writes")
+    finally:
+        task.cancel()
+    assert [rid for rid, _ in written] == rids
+    seen = [tick for _, tick in written]
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # the ticker ran between slices
+    for sink in sinks:
+        client.release(sink)
     await client.close()
