@@ -237,6 +237,10 @@ class Engine(abc.ABC):
                 )
             except InvalidRequest as exc:  # a model without a chat template, say
                 log.info("warm-up: %s refused (%s)", request.request_id, exc)
+            except Exception as exc:  # a warm-up never stops the replica
+                # A request like it fails the same way, with its own answer; the
+                # replica still serves what it can.
+                log.warning("warm-up: preparing %s failed: %r", request.request_id, exc)
 
     @abc.abstractmethod
     async def running_requests(self) -> int:

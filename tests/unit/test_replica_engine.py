@@ -12,7 +12,7 @@ import pytest
 
 from mss.config import Deployment
 from protos import replica_pb2
-from replica.engine import Delta, InvalidRequest, PrefixCacheWindow
+from replica.engine import Delta, InvalidRequest, PrefixCacheWindow, PromptSource
 from replica.fake_engine import id_for
 from replica.vllm_engine import VllmEngine
 from tests.support import LONG, RecordingEngine, chat, completion
@@ -89,6 +89,27 @@ async def test_the_warm_up_prepares_a_chat_and_a_prompt_on_the_thread() -> None:
         assert engine._jobs_submitted == engine._jobs_done  # the next request may go inline
         await engine.prepare(request("a", "short"), "1-a")
         assert engine.tokenized_on[-1] == threading.get_ident()
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_warm_up_that_fails_is_logged_and_the_engine_still_serves(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await started()
+
+    def broken(source: PromptSource) -> tuple[str, list[int]]:
+        raise RuntimeError("template exploded")
+
+    try:
+        monkeypatch.setattr(engine, "_tokenize", broken)
+        with caplog.at_level(logging.WARNING):
+            await engine.warm_up()  # returns: the replica goes on to say it is ready
+        assert "warm-up: preparing warm-up-chat failed" in caplog.text
+        assert "template exploded" in caplog.text
+        monkeypatch.undo()
+        prepared = await engine.prepare(request("a", "short"), "1-a")
+        assert prepared.prompt_text == "short"
     finally:
         await engine.shutdown()
 
