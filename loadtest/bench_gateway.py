@@ -14,8 +14,16 @@ the other on the same machine:
 
 The HTTP targets are driven by the kit's `loadgen.py`; routers are compared
 with `direct`, our gateway with `replica` (its own backend). The report gives
-the throughput ratio, the added TTFT p50/p99 and inter-token p99, and the
-router's CPU time per streamed chunk. The kit is used from where it lies
+the throughput ratio, the added TTFT p50/p99 and inter-token p99, the
+router's CPU time per streamed chunk, and about how many clients were in a
+request at a time (*in flight*: req/s times the median end-to-end time, by
+Little's law), which shows each target was measured at its C.
+
+All C clients open at once (`--ramp 0`, the default here). The kit's default
+paces the opens over a second with one sleep per client, and on a loaded event
+loop each sleep lasts a turn of that loop: at C=1,000 the last clients then
+open 8-16 s later, later the less CPU the target leaves the load generator,
+so targets would be compared at different concurrencies. The kit is used from where it lies
 (`--bench-kit`, default `../shared/bench` beside the repository); nothing of it
 is copied here.
 
@@ -179,7 +187,9 @@ def run_grpc_loadgen(args: argparse.Namespace) -> int:
 
     async def main() -> tuple[GrpcResults, dict[str, float]]:
         task = asyncio.create_task(
-            grpc_load(args.address, args.concurrency, args.duration, args.warmup, args.tokens, 1.0)
+            grpc_load(
+                args.address, args.concurrency, args.duration, args.warmup, args.tokens, args.ramp
+            )
         )
         await asyncio.sleep(args.warmup)
         c0 = cpu()
@@ -416,9 +426,11 @@ def start_targets(args: argparse.Namespace, kit: Path, procs: Procs) -> list[Tar
     return targets
 
 
-def window_args(c: int, duration: float, warmup: float, out: Path, label: str) -> list[str]:
-    """The load generators' shared arguments: concurrency, window, where results go."""
-    window = ["-c", str(c), "-d", str(duration), "--warmup", str(warmup)]
+def window_args(
+    c: int, duration: float, warmup: float, ramp: float, out: Path, label: str
+) -> list[str]:
+    """The load generators' shared arguments: concurrency, window, ramp, where results go."""
+    window = ["-c", str(c), "-d", str(duration), "--warmup", str(warmup), "--ramp", str(ramp)]
     return [*window, "--json", str(out), "--label", label]
 
 
@@ -435,7 +447,7 @@ def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Pa
     watch = ["--watch", f"router={target.pid}"]
     if target.backend_pid:
         watch += ["--watch", f"backend={target.backend_pid}"]
-    common = window_args(c, args.duration, args.warmup, out, target.label)
+    common = window_args(c, args.duration, args.warmup, args.ramp, out, target.label)
     if target.grpc:
         cmd = [
             sys.executable,
@@ -471,10 +483,10 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
     """One line per target and concurrency, and one more per extra baseline."""
     by = {(r["label"], r["C"]): r for r in rows}
     lines = [
-        "| target | vs | C | req/s | tok/s | throughput ratio | TTFT p50 / p99 ms | "
+        "| target | vs | C | in flight | req/s | tok/s | throughput ratio | TTFT p50 / p99 ms | "
         "added TTFT p50 / p99 ms | ITL p99 ms | added ITL p99 ms | CPU % | CPU us/chunk | "
         "stack CPU us/chunk | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted({r["C"] for r in rows}):
         for t in targets:
@@ -482,6 +494,7 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
             if r is None:
                 continue
             ttft, itl = r["ttft_ms"], r["itl_ms"]
+            in_flight = r["rps"] * r["e2e_ms"]["50"] / 1000
             cpu = r["cpu_pct"].get("router")
             per_chunk = f"{cpu / 100 / r['tok_s'] * 1e6:.1f}" if cpu and r["tok_s"] else "-"
             # The whole stack: router (or gateway) plus its backend (or replica).
@@ -498,7 +511,8 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
                 else:
                     ratio, added, added_itl = "1 (baseline)", "-", "-"
                 lines.append(
-                    f"| {t.label} | {base_label or '-'} | {c} | {r['rps']} | {r['tok_s']:.0f} | "
+                    f"| {t.label} | {base_label or '-'} | {c} | {in_flight:.0f} | {r['rps']} | "
+                    f"{r['tok_s']:.0f} | "
                     f"{ratio} | {ttft['50']:.1f} / {ttft['99']:.1f} | {added} | "
                     f"{itl['99']:.1f} | {added_itl} | {cpu if cpu is not None else '-'} | "
                     f"{per_chunk} | {stack_chunk} | {r['errors']} |"
@@ -568,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-c", "--concurrency", type=int, default=1)
         p.add_argument("-d", "--duration", type=float, default=15.0)
         p.add_argument("--warmup", type=float, default=3.0)
+        p.add_argument("--ramp", type=float, default=0.0)
         p.add_argument("--tokens", type=int, default=64)
         p.add_argument("--watch", action="append", default=[])
         p.add_argument("--json", required=True)
@@ -590,6 +605,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,64,256,1000")
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="seconds over which each load generator opens its clients (0: all at once)",
+    )
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--interval-ms", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")

@@ -146,7 +146,7 @@ def measure(
         str(args.max_tokens),
         "--req-timeout",
         "300",
-        *window_args(c, args.duration, args.warmup, out, label),
+        *window_args(c, args.duration, args.warmup, args.ramp, out, label),
         *watch,
     ]
     run_load(cmd, label, c, args.duration + args.warmup + 600)
@@ -181,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="16,64")
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=10.0)
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=1.0,
+        help="seconds over which the load generator opens its clients (spread, as a "
+        "real engine's clients would be; at these concurrencies all open within the warm-up)",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--order", default="vllm,mss,mss,vllm")
     p.add_argument("--profile", action="store_true")
