@@ -44,7 +44,7 @@ INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 """The status of a request the replica's engine failed."""
 UNAPPLIED_LIMIT = 2
 """Messages a Generate stream may have written that the replica has not yet applied."""
-WRITE_SLICE_S = 0.002
+WRITE_SLICE_S = 0.0005
 """Loop time a replica stream's reader spends writing tokens to clients before it lets
 the rest of the event loop run (new requests, first tokens, finishes)."""
 PROBE_TIMEOUT_S = 2.0
