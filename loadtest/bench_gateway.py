@@ -23,9 +23,11 @@ All C clients open at once (`--ramp 0`, the default here). The kit's default
 paces the opens over a second with one sleep per client, and on a loaded event
 loop each sleep lasts a turn of that loop: at C=1,000 the last clients then
 open 8-16 s later, later the less CPU the target leaves the load generator,
-so targets would be compared at different concurrencies. The kit is used from where it lies
-(`--bench-kit`, default `../shared/bench` beside the repository); nothing of it
-is copied here.
+so targets would be compared at different concurrencies. Opened together,
+the clients start as one burst, the same for every target.
+
+The kit is used from where it lies (`--bench-kit`, default `../shared/bench`
+beside the repository); nothing of it is copied here.
 
     python -m loadtest.bench_gateway [--concurrency 1,64,256,1000] [--duration 15]
 """
