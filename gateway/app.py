@@ -224,7 +224,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         openapi_extra=secured,
     )
     async def list_models(request: Request) -> JSONResponse:
-        gateway.check_auth(request)
+        gateway.check_auth(request.headers)
         data = []
         for name in sorted(gateway.table.models):
             router = gateway.table.models[name]
@@ -264,7 +264,9 @@ def create_api(gateway: Gateway) -> FastAPI:
         return JSONResponse({"object": "list", "data": data})
 
     async def _json_body(request: Request) -> dict[str, Any]:
-        body, _ = await read_body(request, gateway.settings.max_body_bytes, allow_text=False)
+        body, _ = await read_body(
+            request.headers, request.receive, gateway.settings.max_body_bytes, allow_text=False
+        )
         return decode_json(body)
 
     @app.post(
@@ -289,7 +291,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         },
     )
     async def tokenize(request: Request) -> JSONResponse:
-        gateway.check_auth(request)
+        gateway.check_auth(request.headers)
         model, req = tokenize_api.tokenize_request(await _json_body(request))
         router = gateway.router_for(model)
         return JSONResponse(await tokenize_api.tokenize(router, req))
@@ -301,7 +303,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         openapi_extra=body_doc("DetokenizeRequest"),
     )
     async def detokenize(request: Request) -> JSONResponse:
-        gateway.check_auth(request)
+        gateway.check_auth(request.headers)
         model, req = tokenize_api.detokenize_request(await _json_body(request))
         router = gateway.router_for(model)
         return JSONResponse(await tokenize_api.detokenize(router, req))

@@ -22,11 +22,12 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 
 from gateway import metrics
 from gateway.admission import ClientLimiter
@@ -37,7 +38,13 @@ from gateway.errors import ApiError, quote, send_error
 from gateway.generation import GenerationRequest, GenerationService
 from gateway.rate_limits import KeyLimiter
 from gateway.replica_client import ReplicaClient
-from gateway.request_reader import SEED_ROUTE, make_format, parse_body, read_body
+from gateway.request_reader import (
+    SEED_ROUTE,
+    make_format,
+    parse_body,
+    read_body,
+    request_headers,
+)
 from gateway.response_cache import ResponseCache
 from gateway.routing_table import ModelRouter, RoutingTable, static_table
 from mss.config import ClusterConfig, GatewaySettings
@@ -187,12 +194,13 @@ class Gateway:
             raise ApiError(404, msg, param="model", code="model_not_found")
         return router
 
-    def check_auth(self, request: Request) -> KeyLimiter | None:
-        """The caller's API key (its limiter); raises 401 when keys are configured and it is
-        missing or not one in force. None when no keys are configured."""
+    def check_auth(self, headers: Mapping[str, str]) -> KeyLimiter | None:
+        """The caller's API key (its limiter) from the request's `headers`; raises 401 when
+        keys are configured and it is missing or not one in force. None when no keys are
+        configured."""
         if not self.keys.enabled:
             return None
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        scheme, _, presented = headers.get("authorization", "").partition(" ")
         key = self.keys.lookup(presented.strip()) if scheme.lower() == "bearer" else None
         if key is None:
             msg = "missing or invalid API key (Authorization: Bearer <key>)"
@@ -209,29 +217,27 @@ class Gateway:
         when the app set one.
         """
         rid = scope.get("state", {}).get("request_id") or os.urandom(8).hex()
-        http = Request(scope, receive)
+        headers = request_headers(scope)
         label = ""  # the model, once the table knows it: a metric label, so labels stay few
         generating = False
         hold: Hold | None = None
         try:
-            key = self.check_auth(http)
+            key = self.check_auth(headers)
             body, is_json = await read_body(
-                http, self.settings.max_body_bytes, allow_text=route == SEED_ROUTE
+                headers, receive, self.settings.max_body_bytes, allow_text=route == SEED_ROUTE
             )
             if path_model is not None:  # named in the path: unknown is 404 whatever the body
                 label = self.router_for(path_model).name
-            model, inp = parse_body(
-                route, path_model, body, is_json, http.headers.get("x-session-id")
-            )
+            model, inp = parse_body(route, path_model, body, is_json, headers.get("x-session-id"))
             router = self.router_for(model)
             label = router.name
-            if inp.request_id and "x-request-id" not in http.headers:
+            if inp.request_id and "x-request-id" not in headers:
                 rid = inp.request_id
             request = GenerationRequest(
                 inp=inp,
                 max_tokens=check_max_tokens(inp, router.max_tokens),
                 fmt=make_format(route, rid, router.name, inp, fingerprint(router)),
-                client_key=f"key:{key.id}" if key else _address(http),
+                client_key=f"key:{key.id}" if key else _address(scope),
                 key=key,
             )
             generating = True
@@ -273,9 +279,15 @@ class Gateway:
 def fingerprint(router: ModelRouter) -> str:
     """`system_fingerprint`: this build and the model's serving settings, as vLLM's
     `vllm-<version>-<hash8>` names its build and configuration."""
-    key = f"{router.name}|{router.max_model_len()}|{router.max_tokens}".encode()
+    return _fingerprint(router.name, router.max_model_len(), router.max_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint(model: str, max_model_len: int | None, max_tokens: int) -> str:
+    key = f"{model}|{max_model_len}|{max_tokens}".encode()
     return f"mss-{VERSION}-{hashlib.blake2b(key, digest_size=4).hexdigest()}"
 
 
-def _address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+def _address(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"

@@ -21,9 +21,10 @@ A deterministic request of a deployment with the response cache or coalescing
 on is served by `gateway.shared_generation` instead (a cache hit, or a
 generation identical requests share), through the same response writers.
 
-Cancellation has one path: the client leaving (seen by a watcher on `receive`)
-or being dropped as too slow releases the request's sink, which sends a
-CancelRequest on the replica stream; the replica aborts the engine request.
+Cancellation has one path: the client leaving (the connection's callback, or a
+watcher on `receive` under another server) or being dropped as too slow
+releases the request's sink, which sends a CancelRequest on the replica
+stream; the replica aborts the engine request.
 Slots and counters are given back in `finally`.
 """
 
@@ -42,7 +43,7 @@ from gateway import api_keys, metrics
 from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
-from gateway.http_protocol import TRANSPORT_KEY, WRITE_NOW_KEY
+from gateway.http_protocol import TRANSPORT_KEY, WATCH_DISCONNECT_KEY, WRITE_NOW_KEY
 from gateway.migration import (
     MAX_MIGRATIONS,
     MIGRATABLE,
@@ -180,7 +181,14 @@ class GenerationService:
             if key is not None:
                 api_keys.finish(key, 0)
             raise
-        watcher = asyncio.create_task(self._watch(receive, flow), name="disconnect-watch")
+        # The gateway's own server calls back when the client goes; any other (in-process
+        # test clients) is watched by a task waiting on `receive`.
+        watch = extensions.get(WATCH_DISCONNECT_KEY)
+        watcher = None
+        if watch is not None:
+            watch(flow.leave)
+        else:
+            watcher = asyncio.create_task(self._watch(receive, flow), name="disconnect-watch")
         self.flows.add(flow)
         try:
             req = build_request(inp, fmt.request_id, request.max_tokens)
@@ -216,7 +224,10 @@ class GenerationService:
             self.limiter.release(client_key)
             if key is not None:
                 api_keys.finish(key, flow.charge)
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            elif watch is not None:
+                watch(None)
 
     def _server(self, inp: GenerationInput, fmt: StreamFormat) -> Serve:
         """How the response is written: one JSON body, the lean token stream or the rich one."""

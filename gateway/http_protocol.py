@@ -10,6 +10,9 @@
   slow-client watchdog can abort a connection whose reader stopped: that
   unblocks the handler's pending write and ends the request through the
   ordinary disconnect path.
+- A callback when the client goes (`GatewayCycle.watch_disconnect`, in
+  `scope["extensions"]["mss.watch_disconnect"]`): a request in progress
+  learns of it without a task of its own waiting on `receive`.
 - A synchronous write of a stream's next chunk (`GatewayCycle.write_now`, in
   `scope["extensions"]["mss.write_now"]`): the replica stream's reader writes
   a stream's tokens to its client once per reply, without waking the
@@ -54,6 +57,8 @@ log = logging.getLogger("gateway")
 TRANSPORT_KEY = "mss.transport"
 WRITE_NOW_KEY = "mss.write_now"
 """The cycle's `GatewayCycle.write_now`, for the token path."""
+WATCH_DISCONNECT_KEY = "mss.watch_disconnect"
+"""The cycle's `GatewayCycle.watch_disconnect`."""
 MAX_HEAD_BYTES = 64 * 1024
 """Request line plus headers; a longer head is answered 431 (nginx allows 32 KiB)."""
 
@@ -112,9 +117,20 @@ def _framed(message: Any, method: str) -> bool:
 
 
 class GatewayCycle(RequestResponseCycle):
-    """uvicorn's cycle with a synchronous write for the token path (`write_now`)."""
+    """uvicorn's cycle with a synchronous write for the token path (`write_now`) and a
+    callback for the client leaving (`watch_disconnect`)."""
 
     close_delimited = False
+    on_disconnect: Callable[[], None] | None = None
+
+    def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` once if the connection is lost before the response ended (at once
+        when it was already); None stops watching. What a handler's task waiting on
+        `receive` for `http.disconnect` would learn, without the task."""
+        if callback is not None and self.disconnected:
+            callback()
+            return
+        self.on_disconnect = callback
 
     def write_now(self, body: bytes) -> bool:
         """Write a chunk of a started streaming response at once, without awaiting; False
@@ -194,7 +210,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if isinstance(cycle, GatewayCycle) and cycle.disconnected:
+            callback, cycle.on_disconnect = cycle.on_disconnect, None
+            if callback is not None:
+                callback()
 
     def data_received(self, data: bytes) -> None:
         if self.deadline is None and (self.cycle is None or self.cycle.response_complete):
@@ -235,6 +256,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             assert isinstance(cycle, GatewayCycle)
             extensions: dict[str, Any] = self.scope["extensions"]  # type: ignore[assignment]
             extensions[WRITE_NOW_KEY] = cycle.write_now
+            extensions[WATCH_DISCONNECT_KEY] = cycle.watch_disconnect
 
     def on_body(self, body: bytes) -> None:
         if not self.transport.is_closing():

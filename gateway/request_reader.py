@@ -8,10 +8,10 @@ its content type and size) and `parse_body` turns it into the model name and a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect
 
 from gateway.api_models import (
     GenerationInput,
@@ -39,9 +39,22 @@ _OPENAI_PARSERS: dict[str, Callable[[dict[str, Any], str | None], tuple[str, Gen
 }
 
 
-async def read_body(request: Request, limit: int, *, allow_text: bool) -> tuple[bytes, bool]:
-    """The body (at most `limit` bytes) and whether it is JSON; 413/415 otherwise."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def request_headers(scope: dict[str, Any]) -> dict[str, str]:
+    """An ASGI scope's headers by (lower-case) name; of a repeated header, the first."""
+    headers: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1")
+        if key not in headers:
+            headers[key] = value.decode("latin-1")
+    return headers
+
+
+async def read_body(
+    headers: Mapping[str, str], receive: Any, limit: int, *, allow_text: bool
+) -> tuple[bytes, bool]:
+    """The body (at most `limit` bytes) off ASGI `receive` and whether it is JSON; 413/415
+    otherwise, ClientDisconnect when the client leaves first."""
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if allow_text and ctype == "application/x-www-form-urlencoded":
         ctype = ""  # what `curl -d` sends by default: read the body as if untyped
     is_json = ctype == "application/json" or ctype.endswith("+json")
@@ -49,18 +62,27 @@ async def read_body(request: Request, limit: int, *, allow_text: bool) -> tuple[
         accepted = "application/json or text/plain" if allow_text else "application/json"
         msg = f"content-type {quote(repr(ctype))} is not supported; send {accepted}"
         raise ApiError(415, msg, code="unsupported_media_type")
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         msg = f"body of {quote(declared)} bytes is over the limit of {limit} bytes"
         raise ApiError(413, msg, code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise ApiError(413, f"body is over the limit of {limit} bytes", code="body_too_large")
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
     if not ctype:  # no content type: JSON when it looks like it, else the prompt text
         is_json = body.lstrip()[:1] in (b"{", b"[") or not allow_text
-    return bytes(body), is_json
+    return body, is_json
 
 
 def make_format(

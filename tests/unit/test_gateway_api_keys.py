@@ -157,22 +157,21 @@ async def test_the_watcher_reloads_off_the_loop(tmp_path: Path) -> None:
         watcher.cancel()
 
 
-class FakeHeaders:
-    def __init__(self, authorization: str | None) -> None:
-        self.headers = {} if authorization is None else {"authorization": authorization}
+def auth_headers(authorization: str | None) -> dict[str, str]:
+    return {} if authorization is None else {"authorization": authorization}
 
 
 def test_check_auth_answers_401_for_a_missing_or_wrong_key() -> None:
     gateway = Gateway(GatewayOptions())
-    assert gateway.check_auth(FakeHeaders(None)) is None  # type: ignore[arg-type]
+    assert gateway.check_auth(auth_headers(None)) is None
     config = parse_config(f"gateway: {{api_keys: [{entry('a', KEY_A)}]}}")
     gateway = Gateway(GatewayOptions(config=config))
-    found = gateway.check_auth(FakeHeaders(f"Bearer {KEY_A}"))  # type: ignore[arg-type]
+    found = gateway.check_auth(auth_headers(f"Bearer {KEY_A}"))
     assert found is not None and found.id == "a"
-    assert gateway.check_auth(FakeHeaders(f"bearer  {KEY_A} ")) is found  # type: ignore[arg-type]
+    assert gateway.check_auth(auth_headers(f"bearer  {KEY_A} ")) is found
     for header in (None, KEY_A, f"Basic {KEY_A}", "Bearer wrong", "Bearer "):
         with pytest.raises(ApiError) as err:
-            gateway.check_auth(FakeHeaders(header))  # type: ignore[arg-type]
+            gateway.check_auth(auth_headers(header))
         assert err.value.status == 401 and err.value.code == "invalid_api_key"
 
 

@@ -1,4 +1,5 @@
-"""The client-connection protocol: settings bound for workers, its answers, HTTP/1.0 framing."""
+"""The client-connection protocol: settings bound for workers, its answers, HTTP/1.0 framing,
+the disconnect callback."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import pickle
 import socket
 from typing import Any
 
+from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.server import ServerState
 
 from gateway.errors import ApiError
 from gateway.http_protocol import (
+    WATCH_DISCONNECT_KEY,
     CloseDelimitedCycle,
     ConnectionLimits,
     GatewayHttpProtocol,
@@ -68,6 +72,15 @@ class RecordingTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
 
 def http10_cycle(transport: RecordingTransport, method: str = "POST") -> CloseDelimitedCycle:
     scope: Any = {"type": "http", "method": method, "http_version": "1.0", "path": "/"}
@@ -109,3 +122,51 @@ async def test_an_http_1_0_response_with_a_length_is_uvicorns_as_is() -> None:
     head, _, body = transport.written.partition(b"\r\n\r\n")
     assert b"content-length: 2" in head and b"transfer-encoding" not in head and body == b"ok"
     assert transport.closed
+
+
+REQUEST = b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def test_a_request_learns_of_its_client_leaving_through_the_connection() -> None:
+    """`watch_disconnect` calls back once when the connection is lost mid-response, at once
+    when it was lost already, and not once the handler stopped watching."""
+    scopes: asyncio.Queue[Any] = asyncio.Queue()
+    respond = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        await scopes.put(scope)
+        await respond.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+
+    config = Config(app=app, log_level="warning")
+    config.load()
+
+    async def connect() -> tuple[GatewayHttpProtocol, Any]:
+        protocol = GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(RecordingTransport())
+        protocol.data_received(REQUEST)
+        scope = await asyncio.wait_for(scopes.get(), 5)
+        return protocol, scope["extensions"][WATCH_DISCONNECT_KEY]
+
+    calls: list[str] = []
+    protocol, watch = await connect()
+    watch(lambda: calls.append("mid-response"))
+    protocol.connection_lost(None)
+    assert calls == ["mid-response"]
+    watch(lambda: calls.append("already gone"))
+    assert calls == ["mid-response", "already gone"]
+
+    protocol, watch = await connect()
+    watch(lambda: calls.append("unwatched"))
+    watch(None)
+    protocol.connection_lost(None)
+
+    respond.set()
+    protocol, watch = await connect()
+    watch(lambda: calls.append("after the response"))
+    await asyncio.sleep(0.05)  # the handler sends its whole response
+    assert protocol.cycle is not None and protocol.cycle.response_complete
+    protocol.connection_lost(None)
+    assert calls == ["mid-response", "already gone"]
