@@ -15,6 +15,7 @@ from uvicorn.server import ServerState
 
 from gateway.errors import ApiError
 from gateway.http_protocol import (
+    MAX_HEAD_BYTES,
     WATCH_DISCONNECT_KEY,
     CloseDelimitedCycle,
     ConnectionLimits,
@@ -61,10 +62,12 @@ class RecordingTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written = b""
+        self.writes: list[bytes] = []
         self.closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += bytes(data)
+        self.writes.append(bytes(data))
 
     def close(self) -> None:
         self.closed = True
@@ -170,3 +173,100 @@ async def test_a_request_learns_of_its_client_leaving_through_the_connection() -
     assert protocol.cycle is not None and protocol.cycle.response_complete
     protocol.connection_lost(None)
     assert calls == ["mid-response", "already gone"]
+
+
+async def test_a_head_over_the_limit_is_refused_however_it_arrives() -> None:
+    """431 for a head over `MAX_HEAD_BYTES` in one chunk or many; not for a head under it,
+    whatever the size of the body behind it or of the chunks."""
+    started: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        started.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = Config(app=app, log_level="warning")
+    config.load()
+
+    def feed(raw: bytes, chunk: int) -> RecordingTransport:
+        protocol = GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        for i in range(0, len(raw), chunk):
+            if transport.closed:
+                break
+            protocol.data_received(raw[i : i + chunk])
+        return transport
+
+    def request(path: str, header_bytes: int, body: bytes = b"") -> bytes:
+        return (
+            f"POST /{path} HTTP/1.1\r\nhost: x\r\nx-big: {'a' * header_bytes}\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    over = MAX_HEAD_BYTES + 100
+    for chunk in (1 << 20, 65_536, 1_000):
+        transport = feed(request("over", over), chunk)
+        assert transport.written.startswith(b"HTTP/1.1 431"), chunk
+        assert transport.closed
+    under = MAX_HEAD_BYTES - 2_000
+    for chunk in (1 << 20, 1_000):
+        transport = feed(request("under", under, b"x" * 300_000), chunk)
+        assert not transport.written.startswith(b"HTTP/1.1 431"), chunk
+    # The end of a large body and the start of the next head in one chunk: the body's bytes
+    # do not count toward the next head.
+    pipelined = request("first", 10, b"x" * 60_000) + request("second", 10_000)
+    transport = feed(pipelined, 61_000)
+    assert not transport.written.startswith(b"HTTP/1.1 431")
+    # ... nor hide a head over the limit behind them.
+    transport = feed(request("first", 10, b"x" * 100) + request("third", over), 60_000)
+    assert b"HTTP/1.1 431" in transport.written and transport.closed
+    await asyncio.sleep(0.05)
+    assert sorted(started) == ["/first", "/first", "/second", "/under", "/under"]  # no "/third"
+
+
+async def test_a_head_leaves_with_the_first_chunk_of_its_body() -> None:
+    """One write for a head and the body chunk sent right after it; a head with no body
+    behind it yet still goes out at the next turn of the loop, and a HEAD response's too."""
+    go_on = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        if scope["path"] == "/wait":
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+            await go_on.wait()
+            await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+            return
+        headers = [(b"content-length", b"2")] if scope["path"] == "/json" else SSE
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if scope["path"] == "/json":
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: 2\n\n"})
+
+    config = Config(app=app, log_level="warning")
+    config.load()
+
+    async def serve(method: str, path: str) -> RecordingTransport:
+        protocol = GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(f"{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return transport
+
+    stream = await serve("GET", "/stream")
+    assert len(stream.writes) == 2
+    assert stream.writes[0].startswith(b"HTTP/1.1 200") and b"data: 1" in stream.writes[0]
+    assert b"data: 2" in stream.writes[1] and stream.writes[1].endswith(b"0\r\n\r\n")
+    assert len((await serve("GET", "/json")).writes) == 1
+    head = await serve("HEAD", "/json")
+    assert len(head.writes) == 1 and head.writes[0].startswith(b"HTTP/1.1 200")
+    assert head.writes[0].endswith(b"\r\n\r\n")
+    waiting = await serve("GET", "/wait")
+    assert len(waiting.writes) == 1 and waiting.writes[0].startswith(b"HTTP/1.1 200")
+    go_on.set()
+    await asyncio.sleep(0.01)
+    assert len(waiting.writes) == 2 and b"data: 1" in waiting.writes[1]
