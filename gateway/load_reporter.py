@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from gateway.metrics import BatchedHistogram
 from gateway.routing_table import RoutingTable
 from mss.rpc import UNARY_CHANNEL_OPTIONS
 from mss.rpc_auth import channel, describe
@@ -54,8 +55,10 @@ class TtftWindow:
     def __init__(self) -> None:
         self._last: list[float] | None = None
 
-    def take(self, child: object) -> tuple[float, int]:
+    def take(self, batch: BatchedHistogram) -> tuple[float, int]:
         """(p95 seconds, observations) since the last call; (0, 0) when there were none."""
+        batch.flush()
+        child = batch.child
         bounds: list[float] = list(child._upper_bounds)  # type: ignore[attr-defined]
         now = [b.get() for b in child._buckets]  # type: ignore[attr-defined]
         last, self._last = self._last, now

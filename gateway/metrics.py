@@ -6,9 +6,11 @@ start; prometheus_client then keeps every value in per-process files and
 Gauges sum over live workers, except the table version and the replica load
 (the most recent report wins).
 
-Hot-path cost: per request, a few counter/histogram updates on children
-bound once per model; per delivery to the client, one ITL observation into a
-local batch flushed every second and at each scrape.
+Hot-path cost: the per-request and per-token counters and histograms of a
+model (and its prefix-routing decisions) are children bound once, updated in
+local batches (`BatchedHistogram`, `BatchedCounter`: no lock, no label
+lookup) that `flush` adds to the exported values every second and at each
+scrape.
 Gauges are refreshed from the gateway's counters once a second, not per request.
 """
 
@@ -209,10 +211,14 @@ COALESCED = Counter(
 )
 
 
+_batches: list[BatchedHistogram | BatchedCounter] = []
+"""Every batch made, for `flush`; one per model, key or reason, so the list stays short."""
+
+
 class BatchedHistogram:
     """Observations counted locally, added to a Histogram child in bulk by `flush`.
 
-    For per-token latencies: an observation is one bisect and two additions
+    For latencies observed per request or per token: an observation is one bisect and two additions
     instead of a locked update of the shared (or, with several workers,
     memory-mapped) values. Relies on prometheus_client keeping one
     non-cumulative value per bucket in `_buckets` and the sum in `_sum`, as it
@@ -226,6 +232,7 @@ class BatchedHistogram:
         self._bounds: list[float] = list(child._upper_bounds)
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
+        _batches.append(self)
 
     def observe(self, value: float) -> None:
         self._counts[bisect_left(self._bounds, value)] += 1
@@ -243,16 +250,35 @@ class BatchedHistogram:
         self.child._sum.inc(total)
 
 
+class BatchedCounter:
+    """Increments added up locally, added to a Counter child in bulk by `flush`."""
+
+    __slots__ = ("_total", "child")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self._total = 0.0
+        _batches.append(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._total += amount
+
+    def flush(self) -> None:
+        total, self._total = self._total, 0.0
+        if total:
+            self.child.inc(total)
+
+
 @dataclass(slots=True)
 class ModelMetrics:
     """Children bound once per model, so the hot path does no label lookups."""
 
-    ttft: Histogram
+    ttft: BatchedHistogram
     itl: BatchedHistogram
-    e2e: Histogram
-    queue: Histogram
-    prompt_tokens: Counter
-    output_tokens: Counter
+    e2e: BatchedHistogram
+    queue: BatchedHistogram
+    prompt_tokens: BatchedCounter
+    output_tokens: BatchedCounter
     retries: Counter
     disconnects: Counter
     aborts: Counter
@@ -265,12 +291,12 @@ def for_model(model: str) -> ModelMetrics:
     found = _models.get(model)
     if found is None:
         found = ModelMetrics(
-            ttft=TTFT.labels(model),
+            ttft=BatchedHistogram(TTFT.labels(model)),
             itl=BatchedHistogram(ITL.labels(model)),
-            e2e=E2E.labels(model),
-            queue=QUEUE.labels(model),
-            prompt_tokens=PROMPT_TOKENS.labels(model),
-            output_tokens=OUTPUT_TOKENS.labels(model),
+            e2e=BatchedHistogram(E2E.labels(model)),
+            queue=BatchedHistogram(QUEUE.labels(model)),
+            prompt_tokens=BatchedCounter(PROMPT_TOKENS.labels(model)),
+            output_tokens=BatchedCounter(OUTPUT_TOKENS.labels(model)),
             retries=RETRIES.labels(model),
             disconnects=DISCONNECTS.labels(model),
             aborts=ABORTS.labels(model),
@@ -304,10 +330,23 @@ def for_key(key_id: str) -> KeyMetrics:
     return found
 
 
+_prefix_hooks: dict[str, DecisionHook] = {}
+
+
 def prefix_routing_hook(model: str) -> DecisionHook:
-    """What `PrefixAware.on_decision` calls for `model`: children bound once, no label lookups."""
-    counters = {reason: PREFIX_ROUTING.labels(model, reason) for reason in PREFIX_REASONS}
-    ratio = PREFIX_MATCH.labels(model)
+    """What `PrefixAware.on_decision` calls for `model`: children bound once per model, no
+    label lookups."""
+    hook = _prefix_hooks.get(model)
+    if hook is None:
+        hook = _prefix_hooks[model] = _prefix_hook(model)
+    return hook
+
+
+def _prefix_hook(model: str) -> DecisionHook:
+    counters = {
+        reason: BatchedCounter(PREFIX_ROUTING.labels(model, reason)) for reason in PREFIX_REASONS
+    }
+    ratio = BatchedHistogram(PREFIX_MATCH.labels(model))
 
     def hook(reason: str, fraction: float | None) -> None:
         counters[reason].inc()
@@ -331,8 +370,8 @@ def count_request(model: str, route: str, status: int) -> None:
 
 def flush() -> None:
     """Move locally batched observations into the exported metrics."""
-    for m in _models.values():
-        m.itl.flush()
+    for batch in _batches:
+        batch.flush()
 
 
 def render() -> tuple[bytes, str]:

@@ -645,6 +645,8 @@ def test_rejections_are_refusals_not_outages() -> None:
 
 
 def sample(name: str, **labels: str) -> float:
+    """The exported value, as a scrape sees it (the batches flushed)."""
+    metrics.flush()
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway import metrics
 from gateway.api_models import GenerationInput
 from gateway.prefix_index import MAX_BLOCKS, PrefixIndex, prompt_blocks, render_chat
 from gateway.routing import PrefixAware, ReplicaStats, make_strategy
@@ -340,6 +341,7 @@ async def table() -> AsyncIterator[RoutingTable]:
 
 
 def count(model: str, reason: str) -> float:
+    metrics.flush()  # the exported value, as a scrape sees it
     value = REGISTRY.get_sample_value(
         "mss_gateway_prefix_routing_total", {"model": model, "reason": reason}
     )

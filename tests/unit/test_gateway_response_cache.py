@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from gateway import response_cache
+from gateway import metrics, response_cache
 from gateway.response_cache import (
     KEY_BYTES,
     REDIS_PREFIX,
@@ -45,6 +45,8 @@ class FakeClock:
 
 
 def sample(name: str, **labels: str) -> float:
+    """The exported value, as a scrape sees it (the batches flushed)."""
+    metrics.flush()
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
