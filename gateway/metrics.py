@@ -212,7 +212,8 @@ COALESCED = Counter(
 
 
 _batches: list[BatchedHistogram | BatchedCounter] = []
-"""Every batch made, for `flush`; one per model, key or reason, so the list stays short."""
+"""Every batch made, for `flush`: a few per model (bound once, in `for_model` and
+`prefix_routing_hook`), so the list stays short."""
 
 
 class BatchedHistogram:
