@@ -5,7 +5,11 @@ streams open per replica and writes every request onto one of them, tagged
 with its request id; the replica answers with one message per engine step
 holding the deltas of every request that advanced. A reader task per stream
 hands each delta to the request's `RequestSink`, a bounded inbox the HTTP
-handler drains; nothing on this path waits for a slow client.
+handler drains; nothing on this path waits for a slow client. The stream tells
+the replica how many replies it has handed out, and the replica holds its next
+reply while two are unread: when this side falls behind, the steps produced
+meanwhile come as one reply, not as a queue in the connection that a new
+request's first token would wait behind.
 
 Failures: when a stream breaks, every request on it gets an UNAVAILABLE error
 delta (retried elsewhere if it had produced nothing yet, migrated if it had)
@@ -250,6 +254,13 @@ class GenerateStream:
         """Of those, the ones the replica says it has applied (`GenerateReply.applied`)."""
         self.acking = False
         """The replica reports `applied` (it has once): writes then wait for it."""
+        self.consumed = 0
+        """Replies read and handed out."""
+        self.reported = 0
+        """The count of consumed replies last sent to the replica."""
+        self.pacing = False
+        """The replica holds replies until they are consumed (it said so in one):
+        the count goes back to it."""
         self.call = client.stub.Generate(wait_for_ready=False, metadata=client.metadata)
         self._writer = asyncio.create_task(self._write(), name=f"replica-write-{client.replica_id}")
         self._reader = asyncio.create_task(self._read(), name=f"replica-read-{client.replica_id}")
@@ -303,22 +314,38 @@ class GenerateStream:
         streams). Held here until the replica applied the ones before, the
         requests that arrived meanwhile leave as one message and reach the
         engine together.
+
+        Each message also carries how many replies the reader has handed out, once
+        the replica holds replies on that count (`GenerateReply.unread_limit`); with
+        no message to carry it, it goes alone.
         """
         outbox = self._outbox
         try:
             while not self.closed:
                 while outbox and not self._full():
-                    self._writing = True
-                    try:
-                        self.written += 1
-                        await self.call.write(_message(outbox))
-                    finally:
-                        self._writing = False
+                    message = _message(outbox)
+                    if self.pacing:
+                        message.consumed = self.reported = self.consumed
+                    self.written += 1
+                    await self._send(message)
+                if self.pacing and self.consumed > self.reported:
+                    # Nothing to carry the count: a message of its own, outside the
+                    # window of unapplied messages (the replica does not answer it).
+                    self.reported = self.consumed
+                    await self._send(replica_pb2.GenerateClientMessage(consumed=self.reported))
+                    continue
                 self._wake.clear()
                 await self._wake.wait()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             # The reader sees the same failure and fails the stream's requests.
             log.debug("write to %s failed: %r", self.client.address, exc)
+
+    async def _send(self, message: replica_pb2.GenerateClientMessage) -> None:
+        self._writing = True
+        try:
+            await self.call.write(message)
+        finally:
+            self._writing = False
 
     async def _read(self) -> None:
         client = self.client
@@ -385,6 +412,10 @@ class GenerateStream:
                 stats.kv_cache_usage = load.kv_cache_usage
                 stats.prefix_cache_hit_rate = load.prefix_cache_hit_rate
                 stats.max_in_flight = load.max_in_flight
+                self.consumed += 1
+                if reply.unread_limit:
+                    self.pacing = True
+                    self._wake.set()
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:

@@ -154,14 +154,16 @@ class RequestBatch(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[GenerateClientMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateClientMessage(_message.Message):
-    __slots__ = ("request", "cancel", "batch")
+    __slots__ = ("request", "cancel", "batch", "consumed")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
     request: GenerateRequest
     cancel: CancelRequest
     batch: RequestBatch
-    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., batch: _Optional[_Union[RequestBatch, _Mapping]] = ...) -> None: ...
+    consumed: int
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., batch: _Optional[_Union[RequestBatch, _Mapping]] = ..., consumed: _Optional[int] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message")
@@ -250,14 +252,16 @@ class Load(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
-    __slots__ = ("deltas", "load", "applied")
+    __slots__ = ("deltas", "load", "applied", "unread_limit")
     DELTAS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    UNREAD_LIMIT_FIELD_NUMBER: _ClassVar[int]
     deltas: _containers.RepeatedCompositeFieldContainer[RequestDelta]
     load: Load
     applied: int
-    def __init__(self, deltas: _Optional[_Iterable[_Union[RequestDelta, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., applied: _Optional[int] = ...) -> None: ...
+    unread_limit: int
+    def __init__(self, deltas: _Optional[_Iterable[_Union[RequestDelta, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., applied: _Optional[int] = ..., unread_limit: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -10,6 +10,11 @@ per step, not once per token per request. Each reply also says how many of
 the gateway's messages the stream has applied (`GenerateReply.applied`), and
 one goes out as soon as a message is applied, tokens or not: the gateway holds
 its next message until then (`gateway.replica_client.GenerateStream._write`).
+The other way round, once the gateway reports how many replies it has
+consumed (`GenerateClientMessage.consumed`), a stream holds its next reply
+while `UNREAD_LIMIT` are unread: steps produced meanwhile go out together in
+the next one, and a new request's first token waits for one reply at most,
+not for every reply queued in the connection.
 
 Each request's task first has the engine tokenize it (off the event loop, see
 `Engine.prepare`), then streams its deltas: one per choice per engine step,
@@ -54,6 +59,10 @@ INVALID_ARGUMENT = status_number(grpc.StatusCode.INVALID_ARGUMENT)
 RESOURCE_EXHAUSTED = status_number(grpc.StatusCode.RESOURCE_EXHAUSTED)
 UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
 INTERNAL = status_number(grpc.StatusCode.INTERNAL)
+
+UNREAD_LIMIT = 2
+"""Replies a Generate stream may have sent that the gateway has not consumed, once it
+reports what it consumed: one it handles while the next is on its way."""
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
@@ -174,6 +183,13 @@ class _Stream:
         """Client messages read and applied so far; each reply carries the count."""
         self.acked = 0
         """The count the last reply carried."""
+        self.sent = 0
+        """Replies handed to gRPC."""
+        self.consumed = 0
+        """Of those, the ones the gateway says it has read and handed out."""
+        self.paced = False
+        """The gateway reports `consumed` (it has once): replies then wait for it."""
+        self.caught_up = asyncio.Event()
 
     def push(self, **fields: object) -> None:
         """Add a delta to the reply being built (no copy: built in place)."""
@@ -183,14 +199,23 @@ class _Stream:
     async def next_batch(self) -> replica_pb2.GenerateReply | None:
         """Everything produced since the last call as one reply, with the count of messages
         applied (a reply without deltas when only that changed); None once the stream is
-        done."""
-        while not self.outbox.deltas and self.applied == self.acked:
-            if not self.reading and not self.tasks:
+        done. Waits while `UNREAD_LIMIT` replies are not consumed, for as long as the
+        gateway can still say it consumed them."""
+        while True:
+            if self.paced and self.reading and self.sent - self.consumed >= UNREAD_LIMIT:
+                self.caught_up.clear()
+                await self.caught_up.wait()
+            elif self.outbox.deltas or self.applied != self.acked:
+                break
+            elif not self.reading and not self.tasks:
                 return None
-            self.wake.clear()
-            await self.wake.wait()
+            else:
+                self.wake.clear()
+                await self.wake.wait()
         reply = self.outbox
         reply.applied = self.acked = self.applied
+        reply.unread_limit = UNREAD_LIMIT
+        self.sent += 1
         self.outbox = replica_pb2.GenerateReply()
         self.add = self.outbox.deltas.add
         return reply
@@ -198,7 +223,14 @@ class _Stream:
     async def read(self, messages: AsyncIterator[replica_pb2.GenerateClientMessage]) -> None:
         try:
             async for message in messages:
-                if message.WhichOneof("kind") == "batch":
+                if message.consumed > self.consumed:
+                    self.consumed = message.consumed
+                    self.paced = True
+                    self.caught_up.set()
+                kind = message.WhichOneof("kind")
+                if kind is None:  # only the count of consumed replies
+                    continue
+                if kind == "batch":
                     for item in message.batch.messages:
                         self.apply(item)
                 else:
@@ -210,6 +242,7 @@ class _Stream:
         finally:
             self.reading = False
             self.wake.set()
+            self.caught_up.set()
 
     def apply(self, message: replica_pb2.GenerateClientMessage) -> None:
         kind = message.WhichOneof("kind")

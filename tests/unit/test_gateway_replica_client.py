@@ -34,6 +34,8 @@ class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
         self.requests: list[str] = []
         self.cancels: list[str] = []
         self.batches = 0
+        self.messages: list[tuple[str | None, int]] = []
+        """Each message's kind and count of consumed replies."""
         self.replies: asyncio.Queue[replica_pb2.GenerateReply | None] = asyncio.Queue()
         self.received = asyncio.Event()
 
@@ -70,6 +72,9 @@ class ScriptedReplica(replica_pb2_grpc.ReplicaServicer):
     ) -> AsyncIterator[replica_pb2.GenerateReply]:
         async def read() -> None:
             async for message in request_iterator:
+                self.messages.append((message.WhichOneof("kind"), message.consumed))
+                if message.WhichOneof("kind") is None:
+                    continue
                 if message.WhichOneof("kind") == "batch":
                     self.batches += 1
                     items = list(message.batch.messages)
@@ -240,19 +245,52 @@ async def test_writes_wait_for_the_replica_to_apply_the_ones_before(
     servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=1))
     stream = client._streams[0]
     await until(lambda: stream.acking, "the acknowledgement")
-    for count, rid in ((2, "b"), (3, "c")):  # up to the limit of two messages not applied
+    window = [f"w{i}" for i in range(UNAPPLIED_LIMIT)]  # up to the limit not applied
+    for count, rid in enumerate(window, start=2):
         sinks.append(client.submit(request(rid), 16))
         await until(partial(lambda n: len(servicer.requests) == n, count), f"request {rid}")
-    assert UNAPPLIED_LIMIT == 2 and not stream.idle
+    assert not stream.idle
     sinks += [client.submit(request(rid), 16) for rid in ("d", "e")]
     await asyncio.sleep(0.1)
-    assert servicer.requests == ["a", "b", "c"], "written past the replica's window"
+    assert servicer.requests == ["a", *window], "written past the replica's window"
     batches = servicer.batches
-    servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=3))
-    await until(lambda: len(servicer.requests) == 5, "the held requests")
-    assert servicer.requests[3:] == ["d", "e"] and servicer.batches == batches + 1
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=1 + UNAPPLIED_LIMIT))
+    await until(lambda: len(servicer.requests) == 3 + UNAPPLIED_LIMIT, "the held requests")
+    assert servicer.requests[-2:] == ["d", "e"] and servicer.batches == batches + 1
     for sink in sinks:
         client.release(sink)
+    await client.close()
+
+
+async def test_a_replica_that_holds_replies_is_told_how_many_were_consumed(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    """The count goes back once a reply says the replica holds replies on it: on the next
+    request's message, or alone when none is going out. Alone, it is outside the window
+    of messages not applied (the replica does not answer it)."""
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    sink = client.submit(request("a"), 16)
+    await until(lambda: servicer.requests == ["a"], "the request")
+    stream = client._streams[0]
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "x")], applied=1))
+    await until(lambda: stream.consumed == 1, "the first reply")
+    await asyncio.sleep(0.05)
+    assert servicer.messages == [("request", 0)], "a count went to a replica that holds nothing"
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "y")], unread_limit=2))
+    await until(lambda: len(servicer.messages) == 2, "the count")
+    assert servicer.messages[1] == (None, 2)
+    other = client.submit(request("b"), 16)
+    await until(lambda: servicer.requests == ["a", "b"], "the next request")
+    assert servicer.messages[2] == ("request", 2) and stream.written == 2
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "z")], unread_limit=2))
+    await until(lambda: len(servicer.messages) == 4, "the next count")
+    assert servicer.messages[3] == (None, 3) and stream.written == 2
+    assert list(texts(sink)) == ["x", "y", "z"]
+    client.release(sink)
+    client.release(other)
     await client.close()
 
 

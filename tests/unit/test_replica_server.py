@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from protos import replica_pb2
-from replica.server import ReplicaService
+from replica.server import UNREAD_LIMIT, ReplicaService
 from tests.support import LONG, RecordingEngine, completion
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -31,6 +31,7 @@ class Client:
         self.deltas: dict[str, list[replica_pb2.RequestDelta]] = defaultdict(list)
         self.applied: list[int] = []
         """Each reply's count of applied messages, in order."""
+        self.replies: list[replica_pb2.GenerateReply] = []
         self.changed = asyncio.Event()
         replies = service.Generate(self._messages(), None)  # type: ignore[arg-type]
         self.reader = asyncio.create_task(self._read(replies))
@@ -42,6 +43,7 @@ class Client:
     async def _read(self, replies: AsyncIterator[replica_pb2.GenerateReply]) -> None:
         async for reply in replies:
             self.applied.append(reply.applied)
+            self.replies.append(reply)
             for delta in reply.deltas:
                 self.deltas[delta.request_id].append(delta)
             self.changed.set()
@@ -119,6 +121,42 @@ async def test_each_applied_message_is_acknowledged_before_any_token() -> None:
         assert client.applied == sorted(client.applied) and not client.deltas["b"]
         client.send(Message(cancel=replica_pb2.CancelRequest(request_id="b")))
         await asyncio.wait_for(service.idle.wait(), 5)
+    finally:
+        await client.close()
+        await engine.shutdown()
+
+
+async def test_replies_wait_for_the_gateway_to_consume_them() -> None:
+    """Once the gateway reports what it consumed, at most UNREAD_LIMIT replies are ahead of
+    it: the steps the engine produces meanwhile come together in the next reply. A message
+    carrying only the count is not applied (no reply answers it)."""
+    service, engine = await serving(token_interval_ms=20)
+    client = Client(service)
+    try:
+        client.send(generate("a", "a b", max_tokens=40))
+        async with asyncio.timeout(5):
+            while not client.replies:
+                client.changed.clear()
+                await client.changed.wait()
+        assert all(r.unread_limit == UNREAD_LIMIT for r in client.replies)
+        client.send(Message(consumed=1))
+        await asyncio.sleep(0.3)  # 15 engine steps
+        held = len(client.replies)
+        assert held == 1 + UNREAD_LIMIT, "replies went out that the gateway had not consumed"
+        assert len(client.deltas["a"]) < 10
+        client.send(Message(consumed=held))
+        async with asyncio.timeout(5):
+            while len(client.replies) == held:
+                client.changed.clear()
+                await client.changed.wait()
+        caught_up = [d for d in client.replies[held].deltas if d.request_id == "a"]
+        assert len(caught_up) >= 5, "the steps produced meanwhile did not come as one reply"
+        assert set(client.applied) == {1}, "the count of consumed replies was applied"
+        # A gateway that stops sending (its side closed) can report nothing more:
+        # the rest is not held.
+        await client.close()
+        assert (await client.finished("a")).finish_reason == "length"
+        assert len(client.deltas["a"]) == 40  # the last token comes with the finish
     finally:
         await client.close()
         await engine.shutdown()
