@@ -46,7 +46,7 @@ UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
 """The status a replica that cannot take requests answers with, and a broken stream's."""
 INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 """The status of a request the replica's engine failed."""
-UNAPPLIED_LIMIT = 2
+UNAPPLIED_LIMIT = 4
 """Messages a Generate stream may have written that the replica has not yet applied."""
 WRITE_SLICE_S = 0.0005
 """Loop time a replica stream's reader spends writing tokens to clients before it lets
