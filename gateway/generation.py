@@ -43,7 +43,12 @@ from gateway import api_keys, metrics
 from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
-from gateway.http_protocol import TRANSPORT_KEY, WATCH_DISCONNECT_KEY, WRITE_NOW_KEY
+from gateway.http_protocol import (
+    ARRIVED_KEY,
+    TRANSPORT_KEY,
+    WATCH_DISCONNECT_KEY,
+    WRITE_NOW_KEY,
+)
 from gateway.migration import (
     MAX_MIGRATIONS,
     MIGRATABLE,
@@ -167,10 +172,13 @@ class GenerationService:
         an API key answers with the key's `x-ratelimit-*` headers.
         """
         loop = asyncio.get_running_loop()
-        arrived = loop.time()
+        started = loop.time()
         inp, fmt, client_key, key = request.inp, request.fmt, request.client_key, request.key
         headers = [(b"x-request-id", fmt.request_id.encode())]
         extensions = scope.get("extensions") or {}
+        # Latencies count from the request's first bytes when the server says when that was
+        # (the gateway's own does), so they include reading and parsing it.
+        arrived = extensions.get(ARRIVED_KEY, started)
         flow = Flow(router.name, extensions.get(TRANSPORT_KEY), extensions.get(WRITE_NOW_KEY))
         flow.task = asyncio.current_task()
         if key is not None:
@@ -203,7 +211,7 @@ class GenerationService:
                 )
             await self._admit(router.admission, flow)
             try:
-                router.metrics.queue.observe(loop.time() - arrived)
+                router.metrics.queue.observe(loop.time() - started)
                 blocks = router.prompt_blocks(inp)
                 client, sink = await self._first(router, req, inp.session_key, flow, output, blocks)
                 lease = Lease(client, sink, req, output, inp.session_key, blocks=blocks)

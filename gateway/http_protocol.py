@@ -59,6 +59,9 @@ WRITE_NOW_KEY = "mss.write_now"
 """The cycle's `GatewayCycle.write_now`, for the token path."""
 WATCH_DISCONNECT_KEY = "mss.watch_disconnect"
 """The cycle's `GatewayCycle.watch_disconnect`."""
+ARRIVED_KEY = "mss.arrived"
+"""Loop time when the request's first bytes were parsed: what latency metrics count from,
+so they include reading, parsing and validating the request."""
 MAX_HEAD_BYTES = 64 * 1024
 """Request target plus header names and values; a longer head is answered 431 (nginx allows
 32 KiB). While a head arrives over several chunks, all their bytes count."""
@@ -326,7 +329,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        extensions: dict[str, Any] = {TRANSPORT_KEY: self.transport}
+        extensions: dict[str, Any] = {
+            TRANSPORT_KEY: self.transport,
+            ARRIVED_KEY: self.loop.time(),
+        }
         self.scope["extensions"] = extensions
         self.head_bytes = 0
 

@@ -6,7 +6,7 @@ or body are closed, a slowloris client is cut, connections past the limit get a
 503, a trailing slash is a 404 (no redirect built from Host), long input is not
 echoed in full, HTTP/1.0 gets no chunked encoding, and a client leaving
 mid-body leaves no traceback in the log. A stream longer than all the timeouts
-is not cut.
+is not cut. Time to first token counts from a request's first bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import FAKE_MODEL, Proc, sse_events, start_gateway, start_replica
 
@@ -130,6 +131,44 @@ def test_a_body_that_trickles_in_is_answered_408(gateway: Proc) -> None:
     status, _, body = parse(read_until_closed(sock))
     assert status == 408 and "request body not complete" in body.decode()
     assert "Traceback" not in gateway.log()
+
+
+def latency_sums(gateway: Proc) -> dict[str, float]:
+    """The gateway's latency histograms for the model: each one's sum and count."""
+    text = httpx.get(f"{gateway.address}/metrics", timeout=10).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.endswith(("_sum", "_count"))
+        and sample.labels.get("model") == FAKE_MODEL
+        and family.name in ("mss_gateway_ttft_seconds", "mss_gateway_queue_seconds")
+    }
+
+
+def test_latencies_count_from_the_request_s_first_bytes(gateway: Proc) -> None:
+    """Time to first token includes the time the request took to arrive and be parsed;
+    the admission queue's time does not."""
+    before = latency_sums(gateway)
+    body = json.dumps({"model": FAKE_MODEL, "prompt": "slow body", "max_tokens": 1}).encode()
+    sock = connect(gateway)
+    with sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10])
+        )
+        time.sleep(BODY_TIMEOUT_S / 2)
+        sock.sendall(body[10:])
+        status, _, answer = parse(sock.recv(65536))
+    assert status == 200, answer
+    after = latency_sums(gateway)
+
+    def added(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert added("mss_gateway_ttft_seconds_count") == 1
+    assert added("mss_gateway_ttft_seconds_sum") >= BODY_TIMEOUT_S / 2
+    assert added("mss_gateway_queue_seconds_sum") < BODY_TIMEOUT_S / 4
 
 
 def test_a_head_over_the_limit_is_431(gateway: Proc) -> None:
