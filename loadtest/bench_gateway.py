@@ -17,7 +17,11 @@ with `direct`, our gateway with `replica` (its own backend). The report gives
 the throughput ratio, the added TTFT p50/p99 and inter-token p99, the
 router's CPU time per streamed chunk, and about how many clients were in a
 request at a time (*in flight*: req/s times the median end-to-end time, by
-Little's law), which shows each target was measured at its C.
+Little's law), which shows each target was measured at its C. Beside each
+HTTP target's load generator, `loadtest.ttft_probe` sends one short request at
+a time from its own process (`--no-probe`: not): its time to first token is
+the target's alone, where the load generator's also holds its own event loop,
+busy with every other stream's tokens.
 
 All C clients open at once (`--ramp 0`, the default here). The kit's default
 paces the opens over a second with one sleep per client, and on a loaded event
@@ -445,7 +449,34 @@ def run_load(cmd: list[str], label: str, c: int, timeout: float) -> None:
         print(f"# {label} C={c} failed:\n{done.stderr[-2000:]}")
 
 
-def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Path) -> None:
+def start_probe(args: argparse.Namespace, target: Target, c: int, out: Path) -> subprocess.Popen:
+    """`loadtest.ttft_probe` beside the load generator, over its measured window."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.ttft_probe",
+        "--url",
+        target.url,
+        "--model",
+        MODEL,
+        "--delay",
+        str(args.warmup + args.ramp),
+        "--duration",
+        str(args.duration),
+        "-c",
+        str(c),
+        "--label",
+        target.label,
+        "--json",
+        str(out),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def measure(
+    args: argparse.Namespace, kit: Path, target: Target, c: int, out: Path, probes: Path
+) -> None:
     watch = ["--watch", f"router={target.pid}"]
     if target.backend_pid:
         watch += ["--watch", f"backend={target.backend_pid}"]
@@ -478,7 +509,12 @@ def measure(args: argparse.Namespace, kit: Path, target: Target, c: int, out: Pa
             *watch,
             *common,
         ]
+    # The probe speaks HTTP: the gRPC baseline has none.
+    probe = start_probe(args, target, c, probes) if args.probe and not target.grpc else None
     run_load(cmd, target.label, c, args.duration + args.warmup + 180)
+    if probe is not None:
+        stdout, _ = probe.communicate(timeout=args.duration + args.warmup + args.ramp + 60)
+        sys.stdout.write(stdout)
 
 
 def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
@@ -486,16 +522,17 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
     by = {(r["label"], r["C"]): r for r in rows}
     lines = [
         "| target | vs | C | in flight | req/s | tok/s | throughput ratio | TTFT p50 / p99 ms | "
-        "added TTFT p50 / p99 ms | ITL p99 ms | added ITL p99 ms | CPU % | CPU us/chunk | "
-        "stack CPU us/chunk | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "added TTFT p50 / p99 ms | probe TTFT p50 / p90 ms | added probe p50 / p90 ms | "
+        "ITL p99 ms | added ITL p99 ms | CPU % | CPU us/chunk | stack CPU us/chunk | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted({r["C"] for r in rows}):
         for t in targets:
             r = by.get((t.label, c))
             if r is None:
                 continue
-            ttft, itl = r["ttft_ms"], r["itl_ms"]
+            ttft, itl, probe = r["ttft_ms"], r["itl_ms"], r.get("probe_ttft_ms")
+            probe_cell = f"{probe['50']:.1f} / {probe['90']:.1f}" if probe else "-"
             in_flight = r["rps"] * r["e2e_ms"]["50"] / 1000
             cpu = r["cpu_pct"].get("router")
             per_chunk = f"{cpu / 100 / r['tok_s'] * 1e6:.1f}" if cpu and r["tok_s"] else "-"
@@ -510,13 +547,20 @@ def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:
                     bt, bi = b["ttft_ms"], b["itl_ms"]
                     added = f"{ttft['50'] - bt['50']:+.1f} / {ttft['99'] - bt['99']:+.1f}"
                     added_itl = f"{itl['99'] - bi['99']:+.1f}"
+                    bp = b.get("probe_ttft_ms")
+                    added_probe = (
+                        f"{probe['50'] - bp['50']:+.1f} / {probe['90'] - bp['90']:+.1f}"
+                        if probe and bp
+                        else "-"
+                    )
                 else:
-                    ratio, added, added_itl = "1 (baseline)", "-", "-"
+                    ratio, added, added_itl, added_probe = "1 (baseline)", "-", "-", "-"
                 lines.append(
                     f"| {t.label} | {base_label or '-'} | {c} | {in_flight:.0f} | {r['rps']} | "
                     f"{r['tok_s']:.0f} | "
                     f"{ratio} | {ttft['50']:.1f} / {ttft['99']:.1f} | {added} | "
-                    f"{itl['99']:.1f} | {added_itl} | {cpu if cpu is not None else '-'} | "
+                    f"{probe_cell} | {added_probe} | {itl['99']:.1f} | {added_itl} | "
+                    f"{cpu if cpu is not None else '-'} | "
                     f"{per_chunk} | {stack_chunk} | {r['errors']} |"
                 )
     return "\n".join(lines)
@@ -542,6 +586,7 @@ def run_bench(args: argparse.Namespace) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"bench_gateway-{stamp}.jsonl"
+    probes = RESULTS / f"bench_gateway-{stamp}-probe.jsonl"
     logs = Path(tempfile.mkdtemp(prefix="mss-bench-logs-"))
     procs = Procs(logs)
     try:
@@ -556,10 +601,14 @@ def run_bench(args: argparse.Namespace) -> int:
                         [args.kit_python, str(kit / "wait_quiet.py"), "30", str(args.wait_quiet)],
                         timeout=args.wait_quiet + 30,
                     )
-                measure(args, kit, target, c, out)
+                measure(args, kit, target, c, out, probes)
     finally:
         procs.stop()
     rows = [normalise(json.loads(line)) for line in out.read_text().splitlines() if line.strip()]
+    if probes.exists():
+        seen = {(p["label"], p["C"]): p for p in map(json.loads, probes.read_text().splitlines())}
+        for row in rows:
+            row.update(seen.get((row["label"], row["C"]), {}))
     table = report(rows, targets)
     header = (
         f"# Gateway benchmark {stamp}: {args.tokens} tokens at {args.interval_ms:g} ms, "
@@ -568,7 +617,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "`ours` with `replica` (its own backend, our fake-engine replica, driven over gRPC) and\n"
         "with `direct`. CPU us/chunk: CPU time of the target process (for baselines, of the\n"
         "backend itself) per streamed token; stack CPU us/chunk adds its backend's (a router's\n"
-        "fake backend, the gateway's replica).\n\n"
+        "fake backend, the gateway's replica). Probe: `loadtest.ttft_probe`, one client in\n"
+        "its own process sending one short request at a time over the same window, so its\n"
+        "time to first token is the target's, not the load generator's own event loop.\n\n"
     )
     (RESULTS / f"bench_gateway-{stamp}.md").write_text(header + table + "\n")
     print(header + table)
@@ -621,6 +672,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="measure only these labels, e.g. replica,ours")
     p.add_argument(
         "--wait-quiet", type=float, default=0.0, help="wait up to S s for a quiet machine"
+    )
+    p.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="no idle client measuring time to first token beside the load generator",
     )
     return run_bench(p.parse_args(argv))
 
