@@ -416,7 +416,7 @@ class GenerationService:
     ) -> int:
         # The per-token loop: kept flat (no helper coroutines) since it runs once per
         # token per stream. Once the first token is out, tokens that arrive while this
-        # loop waits are written by the replica stream's reader itself (`direct`, through
+        # loop waits are written by the replica stream's flusher itself (`direct`, through
         # the connection's `write_now`, once per reply): no wake of this task per token
         # while the client keeps up. A finish, an error, a client whose buffer is full or
         # tokens behind others still queued come here.

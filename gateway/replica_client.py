@@ -5,8 +5,10 @@ streams open per replica and writes every request onto one of them, tagged
 with its request id; the replica answers with one message per engine step
 holding the deltas of every request that advanced. A reader task per stream
 hands each delta to the request's `RequestSink`, a bounded inbox the HTTP
-handler drains; nothing on this path waits for a slow client. The stream tells
-the replica how many replies it has handed out, and the replica holds its next
+handler drains, and a flusher task writes the tokens of running streams to
+their clients, so the next reply's first tokens need not wait for those
+writes; nothing on this path waits for a slow client. The stream tells the
+replica how many replies it has written out, and the replica holds its next
 reply while two are unread: when this side falls behind, the steps produced
 meanwhile come as one reply, not as a queue in the connection that a new
 request's first token would wait behind.
@@ -48,8 +50,10 @@ INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 """The status of a request the replica's engine failed."""
 UNAPPLIED_LIMIT = 4
 """Messages a Generate stream may have written that the replica has not yet applied."""
+FLUSH_BACKLOG = 2
+"""Replies read whose tokens are not yet being written, past which the reader waits."""
 WRITE_SLICE_S = 0.0005
-"""Loop time a replica stream's reader spends writing tokens to clients before it lets
+"""Loop time a replica stream's flusher spends writing tokens to clients before it lets
 the rest of the event loop run (new requests, first tokens, finishes)."""
 PROBE_TIMEOUT_S = 2.0
 PROBE_MAX_DELAY_S = 2.0
@@ -89,8 +93,8 @@ class RequestSink:
     """The inbox of one request on a replica stream; bounded, never blocks the reader.
 
     `push` appends a delta and wakes the waiting handler (or, for a stream's
-    tokens, holds it for `flush`, which the reader calls once per reply and
-    which writes them to the client through `direct`). When more than `limit`
+    tokens, holds it for `flush`, which the stream's flusher calls once per reply
+    and which writes them to the client through `direct`). When more than `limit`
     deltas wait unread (the client is not reading), the request is cancelled on
     the replica and the sink is marked overflowed. A request of n choices ends
     when n deltas with a finish reason arrived, or at once on an error.
@@ -142,13 +146,13 @@ class RequestSink:
         queued, are held and written there by `flush`, instead of waking it (False: it
         could not, and they are queued for the handler)."""
         self.direct_deltas: list[replica_pb2.RequestDelta] = []
-        """Tokens held for `direct` until the reader's `flush`."""
+        """Tokens held for `direct` until the flusher's `flush`."""
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     def push(self, delta: replica_pb2.RequestDelta) -> bool:
-        """Take a delta; True when it is the first held for `flush` (the reader then calls
-        `flush` once it has handed out the whole reply)."""
+        """Take a delta; True when it is the first held for `flush` (the stream's flusher
+        then calls `flush` once the reader has handed out the whole reply)."""
         items = self.items
         finish = delta.finish_reason
         if finish:
@@ -239,7 +243,8 @@ def error_delta(request_id: str, code: int, message: str) -> replica_pb2.Request
 
 
 class GenerateStream:
-    """One open Generate call: a writer draining the outbox and a reader dispatching deltas."""
+    """One open Generate call: a writer draining the outbox, a reader dispatching deltas and
+    a flusher writing the tokens of running streams to their clients."""
 
     def __init__(self, client: ReplicaClient) -> None:
         self.client = client
@@ -262,8 +267,17 @@ class GenerateStream:
         """The replica holds replies until they are consumed (it said so in one):
         the count goes back to it."""
         self.call = client.stub.Generate(wait_for_ready=False, metadata=client.metadata)
+        self._flushes: deque[list[RequestSink]] = deque()
+        """Per reply read, the sinks whose tokens the flusher writes to their clients."""
+        self._flushed = asyncio.Event()
+        """Set when a list is queued for the flusher, or the stream closed."""
+        self._room = asyncio.Event()
+        """Set when the flusher took a list: the reader reads on."""
         self._writer = asyncio.create_task(self._write(), name=f"replica-write-{client.replica_id}")
         self._reader = asyncio.create_task(self._read(), name=f"replica-read-{client.replica_id}")
+        self._flusher = asyncio.create_task(
+            self._flush(), name=f"replica-flush-{client.replica_id}"
+        )
 
     def submit(self, request: replica_pb2.GenerateRequest, limit: int) -> RequestSink:
         rid = request.request_id
@@ -315,7 +329,7 @@ class GenerateStream:
         requests that arrived meanwhile leave as one message and reach the
         engine together.
 
-        Each message also carries how many replies the reader has handed out, once
+        Each message also carries how many replies the flusher has written out, once
         the replica holds replies on that count (`GenerateReply.unread_limit`); with
         no message to carry it, it goes alone.
         """
@@ -347,11 +361,42 @@ class GenerateStream:
         finally:
             self._writing = False
 
+    async def _flush(self) -> None:
+        """Write the tokens of each reply read to their clients, reply after reply.
+
+        Tokens go out in slices: between two, whatever else is ready runs (the reader
+        handing out the next reply's first tokens, a new request's handler, the writer
+        sending it), so neither new requests nor first tokens wait behind a whole reply's
+        writes. A sink is in one list at a time (`RequestSink.push` says when it joins one),
+        and its flush writes every token it holds by then, so each stream keeps its order.
+        A reply counts as consumed once its tokens are written.
+        """
+        loop_time = asyncio.get_running_loop().time
+        flushes = self._flushes
+        while flushes or not self.closed:
+            if not flushes:
+                self._flushed.clear()
+                await self._flushed.wait()
+                continue
+            flush = flushes.popleft()
+            self._room.set()
+            slice_end = loop_time() + WRITE_SLICE_S
+            for sink in flush:
+                try:
+                    sink.flush()
+                except Exception:  # one client's failure; the others' tokens go on
+                    log.exception("writing tokens of %s failed", sink.request_id)
+                if loop_time() > slice_end:
+                    await asyncio.sleep(0)
+                    slice_end = loop_time() + WRITE_SLICE_S
+            self.consumed += 1
+            if self.pacing:
+                self._wake.set()
+
     async def _read(self) -> None:
         client = self.client
         stats = client.stats
         pending = self.pending
-        loop_time = asyncio.get_running_loop().time
         reason = "stream ended"
         try:
             while True:
@@ -396,26 +441,23 @@ class GenerateStream:
                         flush.append(sink)
                     if delta.finish_reason and sink.ended:
                         self._finished(delta.request_id, delta)
-                # Tokens of running streams go out in slices: between two, whatever else
-                # is ready runs (a new request's handler, the writer sending it, a first
-                # token), so new requests do not wait behind a whole reply's writes. The
-                # tokens of a later reply wait for this one's: each stream keeps its order.
-                slice_end = loop_time() + WRITE_SLICE_S
-                for sink in flush:
-                    sink.flush()
-                    if loop_time() > slice_end:
-                        await asyncio.sleep(0)
-                        slice_end = loop_time() + WRITE_SLICE_S
                 load = reply.load
                 stats.running = load.running
                 stats.waiting = load.waiting
                 stats.kv_cache_usage = load.kv_cache_usage
                 stats.prefix_cache_hit_rate = load.prefix_cache_hit_rate
                 stats.max_in_flight = load.max_in_flight
-                self.consumed += 1
                 if reply.unread_limit:
                     self.pacing = True
-                    self._wake.set()
+                # The tokens of running streams go to the flusher; the next reply's first
+                # tokens do not wait for their writes. Never far ahead of those writes (a
+                # replica that does not hold its replies until they are consumed would
+                # otherwise fill this queue).
+                self._flushes.append(flush)
+                self._flushed.set()
+                while len(self._flushes) > FLUSH_BACKLOG:
+                    self._room.clear()
+                    await self._room.wait()
         except grpc.aio.AioRpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
@@ -446,6 +488,7 @@ class GenerateStream:
     def _fail_all(self, message: str) -> None:
         self.closed = True
         self._wake.set()
+        self._flushed.set()
         self.client.stream_closed(self)
         pending = list(self.pending.values())
         self.pending.clear()
@@ -456,9 +499,9 @@ class GenerateStream:
         self.closed = True
         self.call.cancel()
         self._wake.set()
-        for task in (self._writer, self._reader):
+        for task in (self._writer, self._reader, self._flusher):
             task.cancel()
-        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+        await asyncio.gather(self._writer, self._reader, self._flusher, return_exceptions=True)
 
 
 def _message(

@@ -294,6 +294,47 @@ async def test_a_replica_that_holds_replies_is_told_how_many_were_consumed(
     await client.close()
 
 
+async def test_first_tokens_of_a_reply_do_not_wait_for_the_writes_of_the_one_before(
+    replica: tuple[ScriptedReplica, str],
+) -> None:
+    """The reader hands out the next reply while the flusher still writes the tokens of
+    the one before, slice by slice: a new request's first token does not wait for them."""
+    servicer, address = replica
+    client = ReplicaClient(MODEL, "r1", address)
+    client.start()
+    await until(lambda: client.stats.healthy, "the probe")
+    running = [client.submit(request(f"r{i}"), 16) for i in range(40)]
+    await until(lambda: len(servicer.requests) == 40, "the requests")
+    servicer.replies.put_nowait(
+        replica_pb2.GenerateReply(deltas=[delta(f"r{i}", "a") for i in range(40)])
+    )
+    await until(lambda: all(sink.items for sink in running), "their first tokens")
+    written: list[str] = []
+
+    def slow_client(deltas: list[replica_pb2.RequestDelta]) -> bool:
+        time.sleep(0.005)  # each write holds the loop, as a busy one does
+        written.append(deltas[0].request_id)
+        return True
+
+    for sink in running:  # each handler streams: waiting, with its tokens written for it
+        sink.take()
+        sink.direct = slow_client
+        sink.arm()
+    fresh = client.submit(request("new"), 16)
+    await until(lambda: servicer.requests[-1] == "new", "the new request")
+    servicer.replies.put_nowait(
+        replica_pb2.GenerateReply(deltas=[delta(f"r{i}", "b") for i in range(40)])
+    )
+    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("new", "x")]))
+    await until(lambda: fresh.items, "the new request's first token")
+    assert len(written) < 20, "the first token waited for the writes of the reply before"
+    await until(lambda: len(written) == 40, "the writes")
+    assert written == [f"r{i}" for i in range(40)]
+    for sink in [*running, fresh]:
+        client.release(sink)
+    await client.close()
+
+
 async def test_a_request_of_n_choices_ends_with_its_last_choice(
     replica: tuple[ScriptedReplica, str],
 ) -> None:
