@@ -25,7 +25,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-PAUSE_S = 0.02
+PAUSE_S = 0.05
 """Between two requests of the probe: it stays a light load of its own."""
 
 
