@@ -260,7 +260,7 @@ class GenerateStream:
         self.acking = False
         """The replica reports `applied` (it has once): writes then wait for it."""
         self.consumed = 0
-        """Replies read and handed out."""
+        """Replies read whose tokens the flusher has written out."""
         self.reported = 0
         """The count of consumed replies last sent to the replica."""
         self.pacing = False

@@ -13,8 +13,8 @@ its next message until then (`gateway.replica_client.GenerateStream._write`).
 The other way round, once the gateway reports how many replies it has
 consumed (`GenerateClientMessage.consumed`), a stream holds its next reply
 while `UNREAD_LIMIT` are unread: steps produced meanwhile go out together in
-the next one, and a new request's first token waits for one reply at most,
-not for every reply queued in the connection.
+the next one, and a new request's first token waits behind that many replies
+at most, not behind every reply queued in the connection.
 
 Each request's task first has the engine tokenize it (off the event loop, see
 `Engine.prepare`), then streams its deltas: one per choice per engine step,
@@ -186,10 +186,11 @@ class _Stream:
         self.sent = 0
         """Replies handed to gRPC."""
         self.consumed = 0
-        """Of those, the ones the gateway says it has read and handed out."""
+        """Of those, the ones the gateway says it has read and written out."""
         self.paced = False
         """The gateway reports `consumed` (it has once): replies then wait for it."""
         self.caught_up = asyncio.Event()
+        """Set when the gateway reports more consumed replies, or stops sending."""
 
     def push(self, **fields: object) -> None:
         """Add a delta to the reply being built (no copy: built in place)."""
