@@ -511,10 +511,16 @@ def measure(
         ]
     # The probe speaks HTTP: the gRPC baseline has none.
     probe = start_probe(args, target, c, probes) if args.probe and not target.grpc else None
-    run_load(cmd, target.label, c, args.duration + args.warmup + 180)
-    if probe is not None:
-        stdout, _ = probe.communicate(timeout=args.duration + args.warmup + args.ramp + 60)
-        sys.stdout.write(stdout)
+    try:
+        run_load(cmd, target.label, c, args.duration + args.warmup + 180)
+    finally:
+        if probe is not None:
+            try:
+                stdout, _ = probe.communicate(timeout=args.duration + args.warmup + args.ramp + 60)
+                sys.stdout.write(stdout)
+            except subprocess.TimeoutExpired:
+                probe.kill()
+                probe.wait()
 
 
 def report(rows: list[dict[str, Any]], targets: list[Target]) -> str:

@@ -25,6 +25,8 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from loadtest.bench_gateway import pct
+
 PAUSE_S = 0.05
 """Between two requests of the probe: it stays a light load of its own."""
 
@@ -49,13 +51,6 @@ def first_token_ms(conn: http.client.HTTPConnection, body: bytes) -> float:
     if first is None:
         raise RuntimeError("the stream ended without a token")
     return first
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -89,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "C": args.concurrency,
         "probe_n": len(times),
         "probe_errors": len(errors),
-        "probe_ttft_ms": {str(p): percentile(times, p) for p in (50, 90, 99)},
+        "probe_ttft_ms": {str(p): pct(sorted(times), p) for p in (50, 90, 99)},
         "probe_error_samples": errors[:3],
     }
 
