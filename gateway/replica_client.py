@@ -449,6 +449,13 @@ class GenerateStream:
                 stats.max_in_flight = load.max_in_flight
                 if reply.unread_limit:
                     self.pacing = True
+                if not flush:
+                    # Nothing to write (first deltas, finishes, the count of applied
+                    # messages): consumed already.
+                    self.consumed += 1
+                    if self.pacing:
+                        self._wake.set()
+                    continue
                 # The tokens of running streams go to the flusher; the next reply's first
                 # tokens do not wait for their writes. Never far ahead of those writes (a
                 # replica that does not hold its replies until they are consumed would

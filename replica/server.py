@@ -13,8 +13,8 @@ its next message until then (`gateway.replica_client.GenerateStream._write`).
 The other way round, once the gateway reports how many replies it has
 consumed (`GenerateClientMessage.consumed`), a stream holds its next reply
 while `UNREAD_LIMIT` are unread: steps produced meanwhile go out together in
-the next one, and a new request's first token waits behind that many replies
-at most, not behind every reply queued in the connection.
+the next one. A new request's first delta does not wait for that: it goes out
+in a small reply of its own, ahead of the held one (`_Stream.next_batch`).
 
 Each request's task first has the engine tokenize it (off the event loop, see
 `Engine.prepare`), then streams its deltas: one per choice per engine step,
@@ -63,6 +63,10 @@ INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 UNREAD_LIMIT = 2
 """Replies a Generate stream may have sent that the gateway has not consumed, once it
 reports what it consumed: one it handles while the next is on its way."""
+
+FIRST_LIMIT = 2
+"""Replies beyond `UNREAD_LIMIT` that may go out unconsumed to carry first deltas: a
+new request's first token does not wait for the running streams' tokens to be written."""
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
@@ -177,6 +181,9 @@ class _Stream:
         self.tasks: dict[str, asyncio.Task[str | None]] = {}
         self.outbox = replica_pb2.GenerateReply()
         self.add = self.outbox.deltas.add
+        self.firsts = replica_pb2.GenerateReply()
+        """Requests' first deltas (and refusals) produced while replies are held: they go out
+        in a reply of their own, ahead of the held one."""
         self.wake = asyncio.Event()
         self.reading = True
         self.applied = 0
@@ -189,36 +196,54 @@ class _Stream:
         """Of those, the ones the gateway says it has read and written out."""
         self.paced = False
         """The gateway reports `consumed` (it has once): replies then wait for it."""
-        self.caught_up = asyncio.Event()
-        """Set when the gateway reports more consumed replies, or stops sending."""
 
     def push(self, **fields: object) -> None:
         """Add a delta to the reply being built (no copy: built in place)."""
         self.add(**fields)
         self.wake.set()
 
+    def unread(self) -> int:
+        """Replies sent that the gateway has not consumed; 0 while it does not count them."""
+        return self.sent - self.consumed if self.paced and self.reading else 0
+
+    def add_first(self, **fields: object) -> replica_pb2.RequestDelta:
+        """Add a request's first delta: to the reply being built, or, while that one is held,
+        to the first deltas' own reply."""
+        if self.unread() >= UNREAD_LIMIT:
+            delta = self.firsts.deltas.add(**fields)
+        else:
+            delta = self.add(**fields)
+        self.wake.set()
+        return delta
+
     async def next_batch(self) -> replica_pb2.GenerateReply | None:
         """Everything produced since the last call as one reply, with the count of messages
         applied (a reply without deltas when only that changed); None once the stream is
-        done. Waits while `UNREAD_LIMIT` replies are not consumed, for as long as the
-        gateway can still say it consumed them."""
+        done.
+
+        While `UNREAD_LIMIT` replies are not consumed (and the gateway can still say it
+        consumed them), the reply being built is held, and the first deltas produced
+        meanwhile go out alone, up to `FIRST_LIMIT` replies further. They always go before
+        the held reply, which may hold the same requests' next deltas.
+        """
         while True:
-            if self.paced and self.reading and self.sent - self.consumed >= UNREAD_LIMIT:
-                self.caught_up.clear()
-                await self.caught_up.wait()
-            elif self.outbox.deltas or self.applied != self.acked:
+            unread = self.unread()
+            if self.firsts.deltas and unread < UNREAD_LIMIT + FIRST_LIMIT:
+                reply = self.firsts
+                self.firsts = replica_pb2.GenerateReply()
                 break
-            elif not self.reading and not self.tasks:
+            if unread < UNREAD_LIMIT and (self.outbox.deltas or self.applied != self.acked):
+                reply = self.outbox
+                self.outbox = replica_pb2.GenerateReply()
+                self.add = self.outbox.deltas.add
+                break
+            if not self.reading and not self.tasks:
                 return None
-            else:
-                self.wake.clear()
-                await self.wake.wait()
-        reply = self.outbox
+            self.wake.clear()
+            await self.wake.wait()
         reply.applied = self.acked = self.applied
         reply.unread_limit = UNREAD_LIMIT
         self.sent += 1
-        self.outbox = replica_pb2.GenerateReply()
-        self.add = self.outbox.deltas.add
         return reply
 
     async def read(self, messages: AsyncIterator[replica_pb2.GenerateClientMessage]) -> None:
@@ -227,7 +252,7 @@ class _Stream:
                 if message.consumed > self.consumed:
                     self.consumed = message.consumed
                     self.paced = True
-                    self.caught_up.set()
+                    self.wake.set()
                 kind = message.WhichOneof("kind")
                 if kind is None:  # only the count of consumed replies
                     continue
@@ -243,7 +268,6 @@ class _Stream:
         finally:
             self.reading = False
             self.wake.set()
-            self.caught_up.set()
 
     def apply(self, message: replica_pb2.GenerateClientMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -265,7 +289,7 @@ class _Stream:
 
     def reject(self, request_id: str, code: int, message: str) -> None:
         self.service.metrics.rejected(code)
-        self.push(
+        self.add_first(
             request_id=request_id,
             finish_reason="error",
             error=replica_pb2.RequestError(code=code, message=message),
@@ -379,14 +403,19 @@ class _Stream:
         if service.log_prompts:
             log.info("prompt (%d tokens): %r", len(prepared.prompt_token_ids), prepared.prompt_text)
         outcome = "error"
+        first = True
         wake = self.wake.set
 
         def push(d: Delta) -> None:
             # self.add, not a local: the outbox is swapped after each send.
-            nonlocal outcome
+            nonlocal outcome, first
+            add = self.add
+            if first:
+                first = False
+                add = self.add_first
             if d.finish_reason is None and d.logprobs is None and d.prompt_token_ids is None:
                 # The per-token path: nothing but the text and its token ids.
-                self.add(
+                add(
                     request_id=rid,
                     text=d.text,
                     num_tokens=d.num_tokens,
@@ -395,7 +424,7 @@ class _Stream:
                 )
                 wake()
                 return
-            delta = self.add(
+            delta = add(
                 request_id=rid,
                 text=d.text,
                 num_tokens=d.num_tokens,

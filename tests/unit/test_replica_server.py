@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from protos import replica_pb2
-from replica.server import UNREAD_LIMIT, ReplicaService
+from replica.server import FIRST_LIMIT, UNREAD_LIMIT, ReplicaService
 from tests.support import LONG, RecordingEngine, completion
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -159,6 +159,51 @@ async def test_replies_wait_for_the_gateway_to_consume_them() -> None:
         await client.close()
         assert (await client.finished("a")).finish_reason == "length"
         assert len(client.deltas["a"]) == 40  # the last token comes with the finish
+    finally:
+        await client.close()
+        await engine.shutdown()
+
+
+async def test_first_deltas_do_not_wait_behind_held_replies() -> None:
+    """While replies are held, a new request's first delta (or its refusal) goes out in a
+    reply of its own, at most FIRST_LIMIT such replies further; its next deltas come after
+    it, with the held steps."""
+    service, engine = await serving(token_interval_ms=20)
+    client = Client(service)
+
+    async def replies(count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(client.replies) < count:
+                client.changed.clear()
+                await client.changed.wait()
+
+    try:
+        client.send(generate("a", "a b", max_tokens=60))
+        await replies(1)
+        client.send(Message(consumed=1))
+        await asyncio.sleep(0.2)  # the replies allowed go out, then the rest is held
+        client.send(Message(consumed=len(client.replies) - UNREAD_LIMIT))
+        await asyncio.sleep(0.1)
+        held = len(client.replies)  # exactly UNREAD_LIMIT not consumed
+        client.send(generate("b", "c d", max_tokens=60))
+        await replies(held + 1)
+        firsts = client.replies[held]
+        assert [d.request_id for d in firsts.deltas] == ["b"]
+        assert firsts.applied == 2, "the reply carrying it counts the request's message"
+        client.send(generate("", "e f"))  # refused: its error is a first delta too
+        await replies(held + 2)
+        assert client.replies[held + 1].deltas[0].error.code == INVALID
+        for rid in ("c", "d", "e"):
+            client.send(generate(rid, "g h", max_tokens=60))
+        await asyncio.sleep(0.2)
+        assert len(client.replies) == held + FIRST_LIMIT, "first deltas beyond the limit went out"
+        assert not client.deltas["a"][-1].finish_reason
+        assert len(client.deltas["b"]) == 1, "b's next deltas went out ahead of the held ones"
+        client.send(Message(consumed=len(client.replies)))
+        await replies(held + FIRST_LIMIT + 2)
+        later = [d.request_id for r in client.replies[held + FIRST_LIMIT :] for d in r.deltas]
+        assert {"a", "b", "c", "d", "e"} <= set(later)
+        assert len(client.deltas["b"]) > 1
     finally:
         await client.close()
         await engine.shutdown()
