@@ -260,15 +260,19 @@ class GenerateStream:
         self.acking = False
         """The replica reports `applied` (it has once): writes then wait for it."""
         self.consumed = 0
-        """Replies read whose tokens the flusher has written out."""
+        """Replies read that count (`GenerateReply.unread_limit`) whose tokens the flusher
+        has written out."""
         self.reported = 0
         """The count of consumed replies last sent to the replica."""
-        self.pacing = False
-        """The replica holds replies until they are consumed (it said so in one):
-        the count goes back to it."""
+        self.counted = 0
+        """Replies read that count as consumed once written (`GenerateReply.unread_limit`)."""
+        self.unread_limit = 0
+        """The replica holds its next reply while this many counted replies are not reported
+        consumed (it said so in one); 0: it never holds, and no count goes back."""
         self.call = client.stub.Generate(wait_for_ready=False, metadata=client.metadata)
-        self._flushes: deque[list[RequestSink]] = deque()
-        """Per reply read, the sinks whose tokens the flusher writes to their clients."""
+        self._flushes: deque[tuple[list[RequestSink], bool]] = deque()
+        """Per reply read, the sinks whose tokens the flusher writes to their clients, and
+        whether the reply counts as consumed once they are written."""
         self._flushed = asyncio.Event()
         """Set when a list is queued for the flusher, or the stream closed."""
         self._room = asyncio.Event()
@@ -331,18 +335,18 @@ class GenerateStream:
 
         Each message also carries how many replies the flusher has written out, once
         the replica holds replies on that count (`GenerateReply.unread_limit`); with
-        no message to carry it, it goes alone.
+        no message to carry it, it goes alone when the replica may be holding.
         """
         outbox = self._outbox
         try:
             while not self.closed:
                 while outbox and not self._full():
                     message = _message(outbox)
-                    if self.pacing:
+                    if self.unread_limit:
                         message.consumed = self.reported = self.consumed
                     self.written += 1
                     await self._send(message)
-                if self.pacing and self.consumed > self.reported:
+                if self.unread_limit and self._holding() and self.consumed > self.reported:
                     # Nothing to carry the count: a message of its own, outside the
                     # window of unapplied messages (the replica does not answer it).
                     self.reported = self.consumed
@@ -353,6 +357,13 @@ class GenerateStream:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             # The reader sees the same failure and fails the stream's requests.
             log.debug("write to %s failed: %r", self.client.address, exc)
+
+    def _holding(self) -> bool:
+        """The replica may be holding its next reply on the replies read here: only then
+        does a count go alone. While the gateway keeps up, that is once per `unread_limit`
+        replies, each count sent before the replica would wait; once it falls behind, each
+        count goes as soon as it grows."""
+        return self.counted - self.reported >= self.unread_limit
 
     async def _send(self, message: replica_pb2.GenerateClientMessage) -> None:
         self._writing = True
@@ -378,7 +389,7 @@ class GenerateStream:
                 self._flushed.clear()
                 await self._flushed.wait()
                 continue
-            flush = flushes.popleft()
+            flush, counted = flushes.popleft()
             self._room.set()
             slice_end = loop_time() + WRITE_SLICE_S
             for sink in flush:
@@ -389,8 +400,8 @@ class GenerateStream:
                 if loop_time() > slice_end:
                     await asyncio.sleep(0)
                     slice_end = loop_time() + WRITE_SLICE_S
-            self.consumed += 1
-            if self.pacing:
+            if counted:
+                self.consumed += 1
                 self._wake.set()
 
     async def _read(self) -> None:
@@ -447,20 +458,22 @@ class GenerateStream:
                 stats.kv_cache_usage = load.kv_cache_usage
                 stats.prefix_cache_hit_rate = load.prefix_cache_hit_rate
                 stats.max_in_flight = load.max_in_flight
-                if reply.unread_limit:
-                    self.pacing = True
+                # Only replies that say the replica holds on them count as consumed:
+                # its replies of first deltas and of applied counts go ahead, uncounted.
+                counted = reply.unread_limit > 0
+                if counted:
+                    self.unread_limit = reply.unread_limit
+                    self.counted += 1
                 if not flush:
-                    # Nothing to write (first deltas, finishes, the count of applied
-                    # messages): consumed already.
-                    self.consumed += 1
-                    if self.pacing:
+                    if counted:  # nothing to write: consumed already
+                        self.consumed += 1
                         self._wake.set()
                     continue
                 # The tokens of running streams go to the flusher; the next reply's first
                 # tokens do not wait for their writes. Never far ahead of those writes (a
                 # replica that does not hold its replies until they are consumed would
                 # otherwise fill this queue).
-                self._flushes.append(flush)
+                self._flushes.append((flush, counted))
                 self._flushed.set()
                 while len(self._flushes) > FLUSH_BACKLOG:
                     self._room.clear()

@@ -13,8 +13,10 @@ its next message until then (`gateway.replica_client.GenerateStream._write`).
 The other way round, once the gateway reports how many replies it has
 consumed (`GenerateClientMessage.consumed`), a stream holds its next reply
 while `UNREAD_LIMIT` are unread: steps produced meanwhile go out together in
-the next one. A new request's first delta does not wait for that: it goes out
-in a small reply of its own, ahead of the held one (`_Stream.next_batch`).
+the next one (replies of tokens count; `UNREAD_LIMIT` of them). A new
+request's first delta, and the count of applied messages, do not wait for
+that: they go out in a small reply of their own, ahead of the held one and
+not counted (`_Stream.next_batch`).
 
 Each request's task first has the engine tokenize it (off the event loop, see
 `Engine.prepare`), then streams its deltas: one per choice per engine step,
@@ -61,12 +63,8 @@ UNAVAILABLE = status_number(grpc.StatusCode.UNAVAILABLE)
 INTERNAL = status_number(grpc.StatusCode.INTERNAL)
 
 UNREAD_LIMIT = 2
-"""Replies a Generate stream may have sent that the gateway has not consumed, once it
-reports what it consumed: one it handles while the next is on its way."""
-
-FIRST_LIMIT = 2
-"""Replies beyond `UNREAD_LIMIT` that may go out unconsumed to carry first deltas: a
-new request's first token does not wait for the running streams' tokens to be written."""
+"""Replies of tokens a Generate stream may have sent that the gateway has not consumed,
+once it reports what it consumed: one it handles while the next is on its way."""
 
 
 class ReplicaService(replica_pb2_grpc.ReplicaServicer):
@@ -203,12 +201,13 @@ class _Stream:
         self.wake.set()
 
     def unread(self) -> int:
-        """Replies sent that the gateway has not consumed; 0 while it does not count them."""
+        """Replies of tokens sent that the gateway has not consumed; 0 while it does not count
+        them."""
         return self.sent - self.consumed if self.paced and self.reading else 0
 
     def add_first(self, **fields: object) -> replica_pb2.RequestDelta:
         """Add a request's first delta: to the reply being built, or, while that one is held,
-        to the first deltas' own reply."""
+        to a reply that goes ahead of it."""
         if self.unread() >= UNREAD_LIMIT:
             delta = self.firsts.deltas.add(**fields)
         else:
@@ -221,29 +220,32 @@ class _Stream:
         applied (a reply without deltas when only that changed); None once the stream is
         done.
 
-        While `UNREAD_LIMIT` replies are not consumed (and the gateway can still say it
-        consumed them), the reply being built is held, and the first deltas produced
-        meanwhile go out alone, up to `FIRST_LIMIT` replies further. They always go before
-        the held reply, which may hold the same requests' next deltas.
+        Only replies of tokens count toward `UNREAD_LIMIT` (they carry `unread_limit`).
+        While that many are not consumed (and the gateway can still say it consumed
+        them), the reply being built is held; first deltas, and the count of messages
+        applied, go ahead of it in a reply that is not counted. The gateway has a
+        bounded number of requests and messages here, so these are bounded too.
         """
         while True:
-            unread = self.unread()
-            if self.firsts.deltas and unread < UNREAD_LIMIT + FIRST_LIMIT:
+            held = self.unread() >= UNREAD_LIMIT
+            if self.firsts.deltas or (
+                self.applied != self.acked and (held or not self.outbox.deltas)
+            ):
                 reply = self.firsts
                 self.firsts = replica_pb2.GenerateReply()
                 break
-            if unread < UNREAD_LIMIT and (self.outbox.deltas or self.applied != self.acked):
+            if self.outbox.deltas and not held:
                 reply = self.outbox
                 self.outbox = replica_pb2.GenerateReply()
                 self.add = self.outbox.deltas.add
+                reply.unread_limit = UNREAD_LIMIT
+                self.sent += 1
                 break
             if not self.reading and not self.tasks:
                 return None
             self.wake.clear()
             await self.wake.wait()
         reply.applied = self.acked = self.applied
-        reply.unread_limit = UNREAD_LIMIT
-        self.sent += 1
         return reply
 
     async def read(self, messages: AsyncIterator[replica_pb2.GenerateClientMessage]) -> None:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from protos import replica_pb2
-from replica.server import FIRST_LIMIT, UNREAD_LIMIT, ReplicaService
+from replica.server import UNREAD_LIMIT, ReplicaService
 from tests.support import LONG, RecordingEngine, completion
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -126,27 +126,32 @@ async def test_each_applied_message_is_acknowledged_before_any_token() -> None:
         await engine.shutdown()
 
 
+def counted(client: Client) -> int:
+    """Replies the replica counts toward its limit (replies of tokens)."""
+    return sum(1 for r in client.replies if r.unread_limit)
+
+
 async def test_replies_wait_for_the_gateway_to_consume_them() -> None:
-    """Once the gateway reports what it consumed, at most UNREAD_LIMIT replies are ahead of
-    it: the steps the engine produces meanwhile come together in the next reply. A message
-    carrying only the count is not applied (no reply answers it)."""
+    """Once the gateway reports what it consumed, at most UNREAD_LIMIT replies of tokens are
+    ahead of it: the steps the engine produces meanwhile come together in the next reply.
+    A message carrying only the count is not applied (no reply answers it)."""
     service, engine = await serving(token_interval_ms=20)
     client = Client(service)
     try:
         client.send(generate("a", "a b", max_tokens=40))
         async with asyncio.timeout(5):
-            while not client.replies:
+            while not counted(client):
                 client.changed.clear()
                 await client.changed.wait()
-        assert all(r.unread_limit == UNREAD_LIMIT for r in client.replies)
+        assert all(r.unread_limit == UNREAD_LIMIT for r in client.replies if r.deltas)
         client.send(Message(consumed=1))
         await asyncio.sleep(0.2)  # 10 engine steps: the replies allowed go out
         held = len(client.replies)
         await asyncio.sleep(0.2)  # 10 more
         assert len(client.replies) == held, "replies went out that the gateway had not consumed"
-        assert held <= 2 + UNREAD_LIMIT  # what went out before the count came, at most one
+        assert counted(client) <= 2 + UNREAD_LIMIT  # what went out before the count came
         assert len(client.deltas["a"]) < 10
-        client.send(Message(consumed=held))
+        client.send(Message(consumed=counted(client)))
         async with asyncio.timeout(5):
             while len(client.replies) == held:
                 client.changed.clear()
@@ -164,46 +169,43 @@ async def test_replies_wait_for_the_gateway_to_consume_them() -> None:
         await engine.shutdown()
 
 
-async def test_first_deltas_do_not_wait_behind_held_replies() -> None:
-    """While replies are held, a new request's first delta (or its refusal) goes out in a
-    reply of its own, at most FIRST_LIMIT such replies further; its next deltas come after
-    it, with the held steps."""
+async def test_first_deltas_and_counts_do_not_wait_behind_held_replies() -> None:
+    """While replies of tokens are held, a new request's first delta (or its refusal) and
+    the count of applied messages go out ahead, in replies that are not counted; the
+    request's next deltas come after its first, with the held steps."""
     service, engine = await serving(token_interval_ms=20)
     client = Client(service)
 
-    async def replies(count: int) -> None:
+    async def arrived(rid: str, count: int = 1) -> None:
         async with asyncio.timeout(5):
-            while len(client.replies) < count:
+            while len(client.deltas[rid]) < count:
                 client.changed.clear()
                 await client.changed.wait()
 
     try:
         client.send(generate("a", "a b", max_tokens=60))
-        await replies(1)
+        await arrived("a")
         client.send(Message(consumed=1))
         await asyncio.sleep(0.2)  # the replies allowed go out, then the rest is held
-        client.send(Message(consumed=len(client.replies) - UNREAD_LIMIT))
+        client.send(Message(consumed=counted(client) - UNREAD_LIMIT))
         await asyncio.sleep(0.1)
         held = len(client.replies)  # exactly UNREAD_LIMIT not consumed
+        held_counted = counted(client)
         client.send(generate("b", "c d", max_tokens=60))
-        await replies(held + 1)
-        firsts = client.replies[held]
-        assert [d.request_id for d in firsts.deltas] == ["b"]
-        assert firsts.applied == 2, "the reply carrying it counts the request's message"
+        await arrived("b")
         client.send(generate("", "e f"))  # refused: its error is a first delta too
-        await replies(held + 2)
-        assert client.replies[held + 1].deltas[0].error.code == INVALID
-        for rid in ("c", "d", "e"):
-            client.send(generate(rid, "g h", max_tokens=60))
-        await asyncio.sleep(0.2)
-        assert len(client.replies) == held + FIRST_LIMIT, "first deltas beyond the limit went out"
+        await arrived("")
+        ahead = client.replies[held:]
+        assert counted(client) == held_counted, "a reply of tokens went out while held"
+        assert [d.request_id for r in ahead for d in r.deltas] == ["b", ""]
+        assert client.deltas[""][0].error.code == INVALID
+        assert ahead[-1].applied == 3, "the count of applied messages was held"
         assert not client.deltas["a"][-1].finish_reason
-        assert len(client.deltas["b"]) == 1, "b's next deltas went out ahead of the held ones"
-        client.send(Message(consumed=len(client.replies)))
-        await replies(held + FIRST_LIMIT + 2)
-        later = [d.request_id for r in client.replies[held + FIRST_LIMIT :] for d in r.deltas]
-        assert {"a", "b", "c", "d", "e"} <= set(later)
-        assert len(client.deltas["b"]) > 1
+        client.send(Message(consumed=held_counted))
+        await arrived("b", 2)
+        after = client.replies[held + len(ahead) :]
+        assert after[0].unread_limit and len(after[0].deltas) >= 5, "the held steps"
+        assert all(r.unread_limit for r in after if any(d.request_id == "b" for d in r.deltas))
     finally:
         await client.close()
         await engine.shutdown()
