@@ -264,11 +264,9 @@ class GenerateStream:
         has written out."""
         self.reported = 0
         """The count of consumed replies last sent to the replica."""
-        self.counted = 0
-        """Replies read that count as consumed once written (`GenerateReply.unread_limit`)."""
-        self.unread_limit = 0
-        """The replica holds its next reply while this many counted replies are not reported
-        consumed (it said so in one); 0: it never holds, and no count goes back."""
+        self.pacing = False
+        """The replica holds replies until they are consumed (it said so in one):
+        the count goes back to it."""
         self.call = client.stub.Generate(wait_for_ready=False, metadata=client.metadata)
         self._flushes: deque[tuple[list[RequestSink], bool]] = deque()
         """Per reply read, the sinks whose tokens the flusher writes to their clients, and
@@ -335,18 +333,18 @@ class GenerateStream:
 
         Each message also carries how many replies the flusher has written out, once
         the replica holds replies on that count (`GenerateReply.unread_limit`); with
-        no message to carry it, it goes alone when the replica may be holding.
+        no message to carry it, it goes alone.
         """
         outbox = self._outbox
         try:
             while not self.closed:
                 while outbox and not self._full():
                     message = _message(outbox)
-                    if self.unread_limit:
+                    if self.pacing:
                         message.consumed = self.reported = self.consumed
                     self.written += 1
                     await self._send(message)
-                if self.unread_limit and self._holding() and self.consumed > self.reported:
+                if self.pacing and self.consumed > self.reported:
                     # Nothing to carry the count: a message of its own, outside the
                     # window of unapplied messages (the replica does not answer it).
                     self.reported = self.consumed
@@ -357,13 +355,6 @@ class GenerateStream:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             # The reader sees the same failure and fails the stream's requests.
             log.debug("write to %s failed: %r", self.client.address, exc)
-
-    def _holding(self) -> bool:
-        """The replica may be holding its next reply on the replies read here: only then
-        does a count go alone. While the gateway keeps up, that is once per `unread_limit`
-        replies, each count sent before the replica would wait; once it falls behind, each
-        count goes as soon as it grows."""
-        return self.counted - self.reported >= self.unread_limit
 
     async def _send(self, message: replica_pb2.GenerateClientMessage) -> None:
         self._writing = True
@@ -462,8 +453,7 @@ class GenerateStream:
                 # its replies of first deltas and of applied counts go ahead, uncounted.
                 counted = reply.unread_limit > 0
                 if counted:
-                    self.unread_limit = reply.unread_limit
-                    self.counted += 1
+                    self.pacing = True
                 if not flush:
                     if counted:  # nothing to write: consumed already
                         self.consumed += 1

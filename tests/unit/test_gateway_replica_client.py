@@ -265,10 +265,10 @@ async def test_writes_wait_for_the_replica_to_apply_the_ones_before(
 async def test_a_replica_that_holds_replies_is_told_how_many_were_consumed(
     replica: tuple[ScriptedReplica, str],
 ) -> None:
-    """Once replies say the replica holds on them, the count of those consumed goes back on
-    the next request's message, or alone once the replica may be holding (as many read as
-    it allows beyond the last count). Alone, it is outside the window of messages not
-    applied (the replica does not answer it). Only replies saying so count."""
+    """The count goes back once a reply says the replica holds replies on it: on the next
+    request's message, or alone when none is going out. Alone, it is outside the window
+    of messages not applied (the replica does not answer it). Only replies saying so
+    count."""
     servicer, address = replica
     client = ReplicaClient(MODEL, "r1", address)
     client.start()
@@ -278,22 +278,20 @@ async def test_a_replica_that_holds_replies_is_told_how_many_were_consumed(
     stream = client._streams[0]
     servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "x")], applied=1))
     await until(lambda: sink.items, "the first reply")
+    await asyncio.sleep(0.05)
+    assert servicer.messages == [("request", 0)], "a count went to a replica that holds nothing"
     assert stream.consumed == 0, "a reply the replica does not count was counted"
     servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "y")], unread_limit=2))
-    await until(lambda: stream.consumed == 1, "the first counted reply")
-    await asyncio.sleep(0.05)
-    assert servicer.messages == [("request", 0)], "a count went alone, the replica not holding"
+    await until(lambda: len(servicer.messages) == 2, "the count")
+    assert servicer.messages[1] == (None, 1)
     other = client.submit(request("b"), 16)
     await until(lambda: servicer.requests == ["a", "b"], "the next request")
-    assert servicer.messages[1] == ("request", 1) and stream.written == 2
+    assert servicer.messages[2] == ("request", 1) and stream.written == 2
     servicer.replies.put_nowait(replica_pb2.GenerateReply(applied=2))  # not counted
     servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "z")], unread_limit=2))
-    servicer.replies.put_nowait(replica_pb2.GenerateReply(deltas=[delta("a", "w")], unread_limit=2))
-    await until(lambda: stream.consumed == 3, "the counted replies")
-    await until(lambda: len(servicer.messages) >= 3, "the count, the replica may be holding")
-    kind, count = servicer.messages[2]
-    assert kind is None and count >= 2 and stream.written == 2
-    assert list(texts(sink)) == ["x", "y", "z", "w"]
+    await until(lambda: len(servicer.messages) == 4, "the next count")
+    assert servicer.messages[3] == (None, 2) and stream.written == 2
+    assert list(texts(sink)) == ["x", "y", "z"]
     client.release(sink)
     client.release(other)
     await client.close()
