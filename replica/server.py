@@ -11,12 +11,11 @@ the gateway's messages the stream has applied (`GenerateReply.applied`), and
 one goes out as soon as a message is applied, tokens or not: the gateway holds
 its next message until then (`gateway.replica_client.GenerateStream._write`).
 The other way round, once the gateway reports how many replies it has
-consumed (`GenerateClientMessage.consumed`), a stream holds its next reply
-while `UNREAD_LIMIT` are unread: steps produced meanwhile go out together in
-the next one (replies of tokens count; `UNREAD_LIMIT` of them). A new
-request's first delta, and the count of applied messages, do not wait for
-that: they go out in a small reply of their own, ahead of the held one and
-not counted (`_Stream.next_batch`).
+consumed (`GenerateClientMessage.consumed`), a stream holds its next reply of
+tokens while `UNREAD_LIMIT` of them are unread: steps produced meanwhile go out
+together in the next one. A new request's first delta, and the count of
+applied messages, do not wait for that: they go out in a small reply of their
+own, ahead of the held one and not counted (`_Stream.next_batch`).
 
 Each request's task first has the engine tokenize it (off the event loop, see
 `Engine.prepare`), then streams its deltas: one per choice per engine step,
