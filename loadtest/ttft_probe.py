@@ -79,12 +79,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             )
         time.sleep(PAUSE_S)
     conn.close()
+    times.sort()
     return {
         "label": args.label,
         "C": args.concurrency,
         "probe_n": len(times),
         "probe_errors": len(errors),
-        "probe_ttft_ms": {str(p): pct(sorted(times), p) for p in (50, 90, 99)},
+        "probe_ttft_ms": {str(p): pct(times, p) for p in (50, 90, 99)},
         "probe_error_samples": errors[:3],
     }
 
