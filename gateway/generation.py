@@ -43,12 +43,7 @@ from gateway import api_keys, metrics
 from gateway.admission import ClientLimiter, ModelAdmission
 from gateway.api_models import GenerationInput
 from gateway.errors import ApiError
-from gateway.http_protocol import (
-    ARRIVED_KEY,
-    TRANSPORT_KEY,
-    WATCH_DISCONNECT_KEY,
-    WRITE_NOW_KEY,
-)
+from gateway.http_protocol import ARRIVED_KEY, TRANSPORT_KEY, request_cycle
 from gateway.migration import (
     MAX_MIGRATIONS,
     MIGRATABLE,
@@ -179,7 +174,9 @@ class GenerationService:
         # Latencies count from the request's first bytes when the server says when that was
         # (the gateway's own does), so they include reading and parsing it.
         arrived = extensions.get(ARRIVED_KEY, started)
-        flow = Flow(router.name, extensions.get(TRANSPORT_KEY), extensions.get(WRITE_NOW_KEY))
+        cycle = request_cycle(extensions)
+        write_now = None if cycle is None else cycle.write_now
+        flow = Flow(router.name, extensions.get(TRANSPORT_KEY), write_now)
         flow.task = asyncio.current_task()
         if key is not None:
             headers += api_keys.admit(key)
@@ -191,7 +188,7 @@ class GenerationService:
             raise
         # The gateway's own server calls back when the client goes; any other (in-process
         # test clients) is watched by a task waiting on `receive`.
-        watch = extensions.get(WATCH_DISCONNECT_KEY)
+        watch = None if cycle is None else cycle.watch_disconnect
         watcher = None
         if watch is not None:
             watch(flow.leave)

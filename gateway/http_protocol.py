@@ -10,13 +10,13 @@
   slow-client watchdog can abort a connection whose reader stopped: that
   unblocks the handler's pending write and ends the request through the
   ordinary disconnect path.
-- A callback when the client goes (`GatewayCycle.watch_disconnect`, in
-  `scope["extensions"]["mss.watch_disconnect"]`): a request in progress
-  learns of it without a task of its own waiting on `receive`.
-- A synchronous write of a stream's next chunk (`GatewayCycle.write_now`, in
-  `scope["extensions"]["mss.write_now"]`): the replica stream's reader writes
-  a stream's tokens to its client once per reply, without waking the
-  request's handler, while the client keeps up.
+- The request's cycle, by weak reference, in `scope["extensions"]["mss.cycle"]`
+  (`request_cycle`), for two things uvicorn's lacks. A callback when the
+  client goes (`GatewayCycle.watch_disconnect`): a request in progress learns
+  of it without a task of its own waiting on `receive`. A synchronous write
+  of a stream's next chunk (`GatewayCycle.write_now`): the replica stream's
+  reader writes a stream's tokens to its client once per reply, without
+  waking the request's handler, while the client keeps up.
 - Limits on what a client may hold (`ConnectionLimits`): a request head must
   arrive within `header_timeout_s` of connecting or of its first byte, and
   within `MAX_HEAD_BYTES`; a body within `body_timeout_s` of its head; past
@@ -43,6 +43,7 @@ import functools
 import http
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +56,11 @@ from gateway.errors import ApiError, send_error
 log = logging.getLogger("gateway")
 
 TRANSPORT_KEY = "mss.transport"
-WRITE_NOW_KEY = "mss.write_now"
-"""The cycle's `GatewayCycle.write_now`, for the token path."""
-WATCH_DISCONNECT_KEY = "mss.watch_disconnect"
-"""The cycle's `GatewayCycle.watch_disconnect`."""
+CYCLE_KEY = "mss.cycle"
+"""A weak reference to the request's `GatewayCycle` (`request_cycle` reads it). The cycle
+holds the scope, so a strong one would make each request a reference cycle, which only the
+garbage collector's rare full passes free: at a thousand requests a second they pile up by
+the ten thousand and a full pass stalls every stream for a hundred milliseconds or more."""
 ARRIVED_KEY = "mss.arrived"
 """Loop time when the request's first bytes were parsed: what latency metrics count from,
 so they include reading, parsing and validating the request."""
@@ -74,6 +76,13 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_connections: int = 10_000
+
+
+def request_cycle(extensions: dict[str, Any]) -> GatewayCycle | None:
+    """The request's cycle (`CYCLE_KEY`), or None under another server. Alive while the
+    request's app runs: the task running it holds the cycle."""
+    ref = extensions.get(CYCLE_KEY)
+    return None if ref is None else ref()
 
 
 def tune_socket(transport: asyncio.BaseTransport, send_buffer_bytes: int) -> None:
@@ -356,8 +365,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cycle.__class__ = CloseDelimitedCycle if http10 else GatewayCycle
             assert isinstance(cycle, GatewayCycle)
             extensions: dict[str, Any] = self.scope["extensions"]  # type: ignore[assignment]
-            extensions[WRITE_NOW_KEY] = cycle.write_now
-            extensions[WATCH_DISCONNECT_KEY] = cycle.watch_disconnect
+            extensions[CYCLE_KEY] = weakref.ref(cycle)
 
     def on_body(self, body: bytes) -> None:
         if not self.transport.is_closing():

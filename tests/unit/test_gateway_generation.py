@@ -11,6 +11,7 @@ wait on conditions by yielding to the event loop.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from gateway.api_models import GenerationInput, OutputOptions
 from gateway.errors import ApiError
 from gateway.gateway import Gateway, GatewayOptions, rejection_reason
 from gateway.generation import GenerationRequest, GenerationService, build_request
-from gateway.http_protocol import WRITE_NOW_KEY
+from gateway.http_protocol import CYCLE_KEY
 from gateway.migration import continuation
 from gateway.openai_stream import RichChatFormat, RichCompletionFormat
 from gateway.replica_client import Output, ReplicaClient, RequestSink
@@ -109,6 +110,7 @@ class FakeHttp:
         self._resume = asyncio.Event()
         self.direct_writes = 0
         """Body chunks written through `write_now`, past the request's handler."""
+        self.on_leave: Callable[[], None] | None = None
 
     async def receive(self) -> dict[str, Any]:
         if self.body:
@@ -133,8 +135,17 @@ class FakeHttp:
         self.direct_writes += 1
         return True
 
+    def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """The connection's callback when the client goes (`GatewayCycle.watch_disconnect`)."""
+        if callback is not None and self.gone.is_set():
+            callback()
+            return
+        self.on_leave = callback
+
     def leave(self) -> None:
         self.gone.set()
+        if self.on_leave is not None:
+            self.on_leave()
 
     def read_again(self) -> None:
         self.stalled = False
@@ -272,7 +283,7 @@ async def test_tokens_written_at_once_keep_their_order_with_the_handler_s(
     handler, and the next ones wait behind them; the finish is always the handler's."""
     router, fakes = model_router(table, "direct")
     svc, http = service(), FakeHttp()
-    scope = {"extensions": {WRITE_NOW_KEY: http.write_now}}
+    scope = {"extensions": {CYCLE_KEY: weakref.ref(http)}}
     task = asyncio.create_task(
         svc.run(scope, http.receive, http.send, router, generation("direct"))
     )
@@ -360,7 +371,7 @@ async def test_a_replica_failing_after_the_first_token_hands_the_rest_to_another
     continuation's first token then too)."""
     router, fakes = model_router(table, "late-failure")
     svc, http = service(), FakeHttp()
-    scope = {"extensions": {WRITE_NOW_KEY: http.write_now}} if write_now else {}
+    scope = {"extensions": {CYCLE_KEY: weakref.ref(http)}} if write_now else {}
     moved = metrics.MIGRATIONS.labels("late-failure", "unavailable", "moved")
     moved_before = moved._value.get()
     task = asyncio.create_task(

@@ -4,9 +4,12 @@ the disconnect callback."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import pickle
 import socket
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.config import Config
@@ -16,12 +19,12 @@ from uvicorn.server import ServerState
 from gateway.errors import ApiError
 from gateway.http_protocol import (
     MAX_HEAD_BYTES,
-    WATCH_DISCONNECT_KEY,
     CloseDelimitedCycle,
     ConnectionLimits,
     GatewayHttpProtocol,
     error_response,
     protocol_factory,
+    request_cycle,
     tune_socket,
 )
 
@@ -127,7 +130,44 @@ async def test_an_http_1_0_response_with_a_length_is_uvicorns_as_is() -> None:
     assert transport.closed
 
 
+async def settle(check: Callable[[], object]) -> None:
+    """Let the loop run until `check` holds (at most 2 s)."""
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    assert check()
+
+
 REQUEST = b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}"
+
+
+async def test_a_finished_request_s_cycle_is_freed_without_the_garbage_collector() -> None:
+    """Nothing a request's scope holds refers back to its cycle, so reference counting frees
+    the cycle once the next request on the connection took its place: finished requests do
+    not pile up for the collector's full passes, which stall every stream."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        assert request_cycle(scope["extensions"]) is not None
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+
+    config = Config(app=app, log_level="warning")
+    config.load()
+    protocol = GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(RecordingTransport())
+    gc.disable()
+    try:
+        protocol.data_received(REQUEST)
+        await settle(lambda: protocol.cycle is not None and protocol.cycle.response_complete)
+        assert protocol.cycle is not None
+        first = weakref.ref(protocol.cycle)
+        protocol.data_received(REQUEST)
+        await settle(lambda: protocol.cycle is not first() and protocol.cycle.response_complete)
+        await settle(lambda: first() is None)
+    finally:
+        gc.enable()
 
 
 async def test_a_request_learns_of_its_client_leaving_through_the_connection() -> None:
@@ -151,7 +191,9 @@ async def test_a_request_learns_of_its_client_leaving_through_the_connection() -
         protocol.connection_made(RecordingTransport())
         protocol.data_received(REQUEST)
         scope = await asyncio.wait_for(scopes.get(), 5)
-        return protocol, scope["extensions"][WATCH_DISCONNECT_KEY]
+        cycle = request_cycle(scope["extensions"])
+        assert cycle is not None
+        return protocol, cycle.watch_disconnect
 
     calls: list[str] = []
     protocol, watch = await connect()
