@@ -8,13 +8,12 @@ on one port; their metrics are merged through prometheus multiprocess mode.
 This module is the entry point of every gateway process: `run` for the
 command (and the one process of `--workers 1`), `app_from_environment` for
 each worker process of `--workers N`. Process-wide settings (the garbage
-collector's) are made here and nowhere else.
+collector's, `mss.gc_tuning`) are made here and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import shutil
@@ -32,28 +31,13 @@ from gateway.metrics import MULTIPROC_ENV
 from gateway.routing import STRATEGIES
 from mss import security
 from mss.config import ConfigError, load_config, with_overrides
+from mss.gc_tuning import tune_gc
 from mss.logs import setup_logging
 
 log = logging.getLogger("gateway")
 
 OPTIONS_ENV = "MSS_GATEWAY_OPTIONS"
 """How a worker process of `--workers N` gets its `GatewayOptions` (JSON)."""
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations between young-generation collections (Python's default: 700)."""
-
-
-def tune_gc() -> None:
-    """Keep what exists now out of every collection, and collect the young generation less often.
-
-    Call once per process, when the app is built and before it serves. A
-    collection pass stalls every stream for milliseconds, and the objects made
-    per token die young by reference counting, so frequent young collections
-    buy nothing; the modules, app and settings live as long as the process, so
-    scanning them is pure cost.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def app_from_environment() -> GatewayApp:

@@ -28,6 +28,7 @@ from mss.config import (
     SecuritySettings,
     format_validation_error,
 )
+from mss.gc_tuning import tune_gc
 from mss.logs import setup_logging
 from mss.processes import write_exit_reason
 from mss.rpc import SERVER_OPTIONS
@@ -157,6 +158,7 @@ async def serve(
     stopping = asyncio.create_task(stop.wait(), name="stop-signal")
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is None:
+        tune_gc()  # the engine, loaded and warm, stays out of every collection
         service.ready = True
         log.info("ready: %s on %s:%d", deployment.name, args.host, port)
         dead = asyncio.create_task(engine.dead.wait(), name="engine-death")
