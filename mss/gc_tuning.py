@@ -10,10 +10,15 @@ import gc
 
 GC_YOUNG_THRESHOLD = 10_000
 """Allocations between young-generation collections (Python's default: 700)."""
+GC_MIDDLE_THRESHOLD = 100
+"""Young collections between two of the middle generation (Python's default: 10). What a
+young pass leaves alive is mostly requests in flight, about 60 objects each in the gateway,
+which reference counting frees once they end; a pass over the middle generation scans those
+still running (15-33 ms at a thousand streams), so it runs a tenth as often."""
 
 
 def tune_gc() -> None:
-    """Keep what exists now out of every collection, and collect the young generation less often.
+    """Keep what exists now out of every collection; collect the younger generations less often.
 
     A collection pass stalls every stream for milliseconds, and the objects made
     per token die young by reference counting, so frequent young collections buy
@@ -24,4 +29,4 @@ def tune_gc() -> None:
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, 10)
