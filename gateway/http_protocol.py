@@ -60,7 +60,7 @@ CYCLE_KEY = "mss.cycle"
 """A weak reference to the request's `GatewayCycle` (`request_cycle` reads it). The cycle
 holds the scope, so a strong one would make each request a reference cycle, which only the
 garbage collector's rare full passes free: at a thousand requests a second they pile up by
-the ten thousand and a full pass stalls every stream for a hundred milliseconds or more."""
+the thousands and a full pass stalls every stream for over a hundred milliseconds."""
 ARRIVED_KEY = "mss.arrived"
 """Loop time when the request's first bytes were parsed: what latency metrics count from,
 so they include reading, parsing and validating the request."""
