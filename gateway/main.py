@@ -7,8 +7,9 @@ on one port; their metrics are merged through prometheus multiprocess mode.
 
 This module is the entry point of every gateway process: `run` for the
 command (and the one process of `--workers 1`), `app_from_environment` for
-each worker process of `--workers N`. Process-wide settings (the garbage
-collector's, `mss.gc_tuning`) are made here and nowhere else.
+each worker process of `--workers N`. A gateway process's process-wide
+settings (the garbage collector's, `mss.gc_tuning`) are made here and nowhere
+else; a replica's are made in `replica.main`.
 """
 
 from __future__ import annotations
