@@ -15,7 +15,15 @@ start gets its own label (`vllm#1`, `mss#2`...).
 `--profile` records the serving processes with py-spy (`--py-spy PATH`) for
 20 s in the middle of each target's run at the highest concurrency: the
 replica's or the API server's own thread, beside vLLM's engine-core process.
-Results: `loadtest/results/bench_vs_vllm-STAMP.{jsonl,md}` and the profiles.
+
+Over each measured window the CPU each serving process used is read from
+`/proc` one process at a time (the load generator's figure sums a process
+with its children): the model worker, vLLM's engine core, and the rest of
+the serving path (vLLM's API server, or our replica's front end plus the
+gateway). Both stacks run the same engine, so what the path beside it takes
+is what a stack can win or lose.
+Results: `loadtest/results/bench_vs_vllm-STAMP.{jsonl,md}`, the CPU split in
+`bench_vs_vllm-STAMP-cpu.jsonl`, and the profiles.
 """
 
 from __future__ import annotations
@@ -129,9 +137,63 @@ def profile(args: argparse.Namespace, pids: dict[str, int], label: str, stamp: s
         )
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it, from the parent links in `/proc`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_by_role(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each role: vLLM's model worker and engine core
+    wherever they run, everything else under the watched name that started it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for name, root in pids.items():
+        for pid in process_tree(root):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            role = (
+                "worker"
+                if comm.startswith("VLLM::Worker")
+                else "engine core"
+                if comm.startswith("VLLM::EngineCor")
+                else name
+            )
+            used[role] = used.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
+def split_cpu(args: argparse.Namespace, pids: dict[str, int], found: dict[str, float]) -> None:
+    """Per-role CPU % over the load generator's measured window (after its warm-up)."""
+    time.sleep(args.warmup)
+    start, t0 = cpu_by_role(pids), time.monotonic()
+    time.sleep(args.duration)
+    end, elapsed = cpu_by_role(pids), time.monotonic() - t0
+    found.update({k: 100.0 * (v - start.get(k, 0.0)) / elapsed for k, v in end.items()})
+
+
 def measure(
     args: argparse.Namespace, url: str, pids: dict[str, int], label: str, c: int, out: Path
-) -> None:
+) -> dict[str, float]:
+    """One load generator run against `url`; returns the CPU split of its window."""
     watch = [arg for name, pid in pids.items() for arg in ("--watch", f"{name}={pid}")]
     cmd = [
         args.kit_python,
@@ -149,18 +211,25 @@ def measure(
         *window_args(c, args.duration, args.warmup, args.ramp, out, label),
         *watch,
     ]
+    split: dict[str, float] = {}
+    sampler = threading.Thread(target=split_cpu, args=(args, pids, split), daemon=True)
+    sampler.start()
     run_load(cmd, label, c, args.duration + args.warmup + 600)
+    sampler.join(timeout=5)
+    return split
 
 
-def report(rows: list[dict[str, Any]]) -> str:
+def report(rows: list[dict[str, Any]], splits: dict[tuple[str, int], dict[str, float]]) -> str:
     lines = [
-        "| C | run | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | requests | errors | CPU % |",
+        "| C | run | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | requests | errors "
+        "| CPU % by process |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted({r["C"] for r in rows}):
         for r in (r for r in rows if r["C"] == c):
             ttft, itl = r["ttft_ms"], r["itl_ms"]
-            cpu = ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_pct"].items())
+            split = splits.get((r["label"], c)) or r["cpu_pct"]
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in split.items())
             lines.append(
                 f"| {c} | {r['label']} | {r['tok_s']:.1f} | {ttft['50']:.0f} / {ttft['99']:.0f} | "
                 f"{itl['50']:.1f} / {itl['99']:.1f} | {r['completed']} | {r['errors']} | {cpu} |"
@@ -207,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"bench_vs_vllm-{stamp}.jsonl"
+    cpu_out = RESULTS / f"bench_vs_vllm-{stamp}-cpu.jsonl"
+    splits: dict[tuple[str, int], dict[str, float]] = {}
     logs = Path(tempfile.mkdtemp(prefix="mss-bench-vllm-"))
     print(f"# logs in {logs}")
     for n, target in enumerate(args.order.split(","), 1):
@@ -222,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                     threading.Thread(
                         target=profile, args=(args, pids, label, stamp), daemon=True
                     ).start()
-                measure(args, url, pids, label, c, out)
+                split = measure(args, url, pids, label, c, out)
+                splits[(label, c)] = split
+                with cpu_out.open("a") as f:
+                    f.write(json.dumps({"label": label, "C": c, "cpu_pct": split}) + "\n")
         finally:
             procs.stop()
     rows = [normalise(json.loads(line)) for line in out.read_text().splitlines() if line.strip()]
@@ -231,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         f"float32, {args.max_tokens} output tokens, {args.duration:g} s per point, "
         f"order {args.order}\n\n"
     )
-    table = report(rows)
+    table = report(rows, splits)
     (RESULTS / f"bench_vs_vllm-{stamp}.md").write_text(header + table + "\n")
     print(header + table)
     print(f"\n# results: {out}")
