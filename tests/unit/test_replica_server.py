@@ -77,10 +77,14 @@ def outcomes(model: str, outcome: str) -> float:
     return value or 0.0
 
 
-async def serving(token_interval_ms: float = 5.0) -> tuple[ReplicaService, RecordingEngine]:
+async def serving(
+    token_interval_ms: float = 5.0, paced_deltas_per_s: float = 0.0
+) -> tuple[ReplicaService, RecordingEngine]:
+    """A ready service on the fake engine; every reply of tokens is counted toward the
+    hold unless `paced_deltas_per_s` says from which rate on."""
     engine = RecordingEngine(token_interval_ms)
     await engine.start()
-    service = ReplicaService(engine, "r1", max_in_flight=8)
+    service = ReplicaService(engine, "r1", max_in_flight=8, paced_deltas_per_s=paced_deltas_per_s)
     service.ready = True
     return service, engine
 
@@ -164,6 +168,32 @@ async def test_replies_wait_for_the_gateway_to_consume_them() -> None:
         await client.close()
         assert (await client.finished("a")).finish_reason == "length"
         assert len(client.deltas["a"]) == 40  # the last token comes with the finish
+    finally:
+        await client.close()
+        await engine.shutdown()
+
+
+async def test_only_replies_that_come_fast_are_counted() -> None:
+    """Replies of tokens slower than the paced rate are not counted, so the gateway sends
+    no count back for them (a real engine on a CPU); once they come faster, they are."""
+    service, engine = await serving(token_interval_ms=2, paced_deltas_per_s=1_500)
+    client = Client(service)
+
+    def share_counted(rids: set[str]) -> float:
+        replies = [r for r in client.replies if {d.request_id for d in r.deltas} & rids]
+        return sum(1 for r in replies if r.unread_limit) / len(replies)
+
+    try:
+        client.send(generate("slow", "a b", max_tokens=100))  # 500 deltas a second
+        await client.finished("slow")
+        fast = {f"fast{i}" for i in range(8)}  # 4,000 deltas a second
+        client.send(*(generate(rid, "a b", max_tokens=100) for rid in sorted(fast)))
+        for rid in fast:
+            await client.finished(rid)
+        # A stalled loop's clock catches up with steps back to back, which may count
+        # a slow reply or leave a fast one out now and then.
+        assert share_counted({"slow"}) < 0.25
+        assert share_counted(fast) > 0.75
     finally:
         await client.close()
         await engine.shutdown()
