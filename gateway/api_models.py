@@ -39,9 +39,13 @@ MAX_LOGPROBS = 20
 MAX_N = 64
 """Choices per request (vLLM allows more; a CPU replica cannot run them usefully)."""
 INT64 = 2**63
+INT32 = 2**31
+"""Integers the replica's request carries in 32 bits (`top_k`, token ids) stay below this."""
+MAX_TOKENS = 1_048_576
+"""The most `max_tokens` (and `min_tokens`) a request may ask for, whatever the model."""
 
 
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenId = Annotated[int, Field(ge=0, lt=INT32)]
 TOKEN_ID_KEY = re.compile(
     r"^(0|[1-9][0-9]{0,8}|1[0-9]{9}|20[0-9]{8}|21[0-3][0-9]{7}|214[0-6][0-9]{6}"
     r"|2147[0-3][0-9]{5}|21474[0-7][0-9]{4}|214748[0-2][0-9]{3}|2147483[0-5][0-9]{2}"
@@ -164,12 +168,12 @@ class SamplingFields(BaseModel):
     """The sampling fields every generation route accepts (vLLM's names and bounds)."""
 
     model_config = ConfigDict(strict=True)
-    max_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """Most tokens to generate; at most the model's configured limit (its default too)."""
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    """0 or -1: no top-k."""
+    top_k: int | None = Field(None, ge=-1, lt=INT32)
+    """0 or -1: no top-k; more than the vocabulary is the same."""
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -180,7 +184,7 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(_LOGIT_BIAS_SCHEMA)] = None
     """Token id (as a string) -> bias in [-100, 100] added to its logit."""
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -453,8 +457,17 @@ def parse_seed_json(data: dict[str, Any], session_key: str | None) -> Generation
 
 
 def check_max_tokens(inp: GenerationInput, limit: int) -> int:
-    """The request's max_tokens, defaulted and bounded by the model's limit."""
+    """The request's max_tokens, defaulted and bounded by the model's limit; a min_tokens
+    above the limit the request gets by default is refused here too, naming it."""
     if inp.max_tokens is None:
+        if inp.sampling.min_tokens > limit:
+            raise ApiError(
+                400,
+                f"min_tokens: must be at most {inp.max_tokens_param}={limit} (this model's "
+                f"limit, which it is when not given), got {inp.sampling.min_tokens}",
+                param="min_tokens",
+                code="invalid_value",
+            )
         return limit
     if inp.max_tokens > limit:
         name = inp.max_tokens_param

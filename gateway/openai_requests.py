@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from gateway.api_models import (
     MAX_LOGPROBS,
     MAX_N,
+    MAX_TOKENS,
     ChatMessage,
     GenerationInput,
     OutputOptions,
@@ -259,7 +260,7 @@ class ChatCompletionRequest(_OpenAIFields):
     model_config = ConfigDict(json_schema_extra=_chat_rules)
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(0, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
@@ -303,7 +304,7 @@ class CompletionRequest(_OpenAIFields):
         str | list[str] | list[TokenId] | list[list[TokenId]], WithJsonSchema(_PROMPT_SCHEMA)
     ]
     """One prompt, not empty: a string or token ids (a list of one of either)."""
-    max_tokens: int | None = Field(16, ge=1, le=1_048_576)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

@@ -15,6 +15,7 @@ from gateway.api_models import (
     parse_seed_text,
 )
 from gateway.errors import ApiError
+from protos import replica_pb2
 
 
 def bad(fn: Any, *args: Any) -> ApiError:
@@ -118,6 +119,12 @@ def test_max_tokens_against_the_model_limit() -> None:
     assert "above this model's limit of 64" in err.message
     named = GenerationInput(prompt="a", max_tokens=65, max_tokens_param="max_completion_tokens")
     assert bad(check_max_tokens, named, 64).param == "max_completion_tokens"
+    # Without max_tokens the request gets the model's limit: min_tokens is held to it.
+    at_most = GenerationInput(prompt="a", sampling=replica_pb2.SamplingParams(min_tokens=64))
+    assert check_max_tokens(at_most, 64) == 64
+    above = GenerationInput(prompt="a", sampling=replica_pb2.SamplingParams(min_tokens=65))
+    err = bad(check_max_tokens, above, 64)
+    assert err.param == "min_tokens" and "must be at most max_tokens=64" in err.message
 
 
 def test_openapi_schemas_describe_the_accepted_fields() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.api_models import GenerationInput
+from gateway.api_models import GenerationInput, parse_seed_json
 from gateway.errors import ApiError
 from gateway.generation import build_request
 from gateway.openai_requests import (
@@ -341,6 +341,24 @@ def test_a_number_without_a_fraction_is_an_integer_as_json_schema_says() -> None
         with pytest.raises(ApiError) as err:
             parse_completion({"model": "m", "prompt": "p", "seed": bad_value}, None)
         assert err.value.param == "seed"
+
+
+@pytest.mark.parametrize("name", ["top_k", "min_tokens", "max_tokens"])
+def test_integers_beyond_what_the_replica_carries_are_a_400_on_every_route(name: str) -> None:
+    """The replica's request holds these in 32 bits: a larger one is refused, naming the
+    field, rather than failing as the request is built."""
+    for value in (2**31, 19_728_366_681):
+        assert bad_chat(**{name: value}).param == name
+        assert bad_completion(**{name: value}).param == name
+        with pytest.raises(ApiError) as err:
+            parse_seed_json({"prompt": "p", name: value}, None)
+        assert (err.value.status, err.value.param) == (400, name)
+
+
+def test_the_largest_integers_accepted_fit_the_replica_s_request() -> None:
+    inp = chat(top_k=2**31 - 1, min_tokens=1_048_576, max_tokens=1_048_576)
+    request = build_request(inp, "r", 1_048_576)
+    assert request.sampling.top_k == 2**31 - 1 and request.sampling.min_tokens == 1_048_576
 
 
 def test_the_documented_prompt_schema_refuses_what_the_parser_refuses() -> None:
