@@ -463,8 +463,9 @@ def check_max_tokens(inp: GenerationInput, limit: int) -> int:
         if inp.sampling.min_tokens > limit:
             raise ApiError(
                 400,
-                f"min_tokens: must be at most {inp.max_tokens_param}={limit} (this model's "
-                f"limit, which it is when not given), got {inp.sampling.min_tokens}",
+                f"min_tokens: must be at most {limit}, this model's limit (the "
+                f"{inp.max_tokens_param} a request gets when it gives none), "
+                f"got {inp.sampling.min_tokens}",
                 param="min_tokens",
                 code="invalid_value",
             )
