@@ -4,14 +4,17 @@ wherever in the tree it runs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
 
 from loadtest.bench_vs_vllm import cpu_by_role, process_tree
 
-# A parent that starts a child which spins for half a second then sleeps, and a
-# grandchild that renames itself the way vLLM's engine processes do.
+# A parent that starts two children which spin for half a second then sleep; the
+# second renames itself the way vLLM's worker process does.
 SPIN = "import time\nend = time.monotonic() + 0.5\nwhile time.monotonic() < end: pass\n"
 TREE = f"""
 import subprocess, sys, time
@@ -39,6 +42,7 @@ def test_children_count_to_their_parent_and_vllm_s_processes_to_their_role() -> 
         assert used["server"] >= 0.4
     finally:
         for pid in process_tree(parent.pid)[1:]:
-            subprocess.run(["kill", str(pid)], check=False)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         parent.kill()
         parent.wait()

@@ -361,6 +361,16 @@ def test_the_largest_integers_accepted_fit_the_replica_s_request() -> None:
     assert request.sampling.top_k == 2**31 - 1 and request.sampling.min_tokens == 1_048_576
 
 
+def test_the_document_says_echo_needs_the_prompt_as_text() -> None:
+    rules = CompletionRequest.model_json_schema()["allOf"]
+    echo = next(r for r in rules if "echo" in r["if"]["properties"])
+    assert echo["if"]["properties"]["echo"] == {"const": True}
+    text_only = echo["then"]["properties"]["prompt"]["anyOf"]
+    assert all(v["type"] == "string" or v["items"]["type"] == "string" for v in text_only)
+    assert completion(echo=True).output is not None
+    assert bad_completion(prompt=[1, 2], echo=True).param == "echo"
+
+
 def test_the_documented_prompt_schema_refuses_what_the_parser_refuses() -> None:
     schema = CompletionRequest.model_json_schema()["properties"]["prompt"]
     variants = schema["anyOf"]
