@@ -38,6 +38,16 @@ def wait_http_ready(url: str, proc: Proc | subprocess.Popen[bytes], timeout: flo
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
+def wait_for_line(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited before printing {text!r}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{text!r} not printed within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def stream_chat(base: str, model: str, body: dict[str, object]) -> tuple[str, dict[str, object]]:
     """POST /v1/chat/<model> and read the SSE events as curl -N would."""
     text, last = "", {}
@@ -140,6 +150,9 @@ def test_mss_up_with_the_bundled_model(tmp_path: Path) -> None:
     code: int | None = None
     try:
         wait_http_ready(f"{base}/ready", proc, 420)
+        # The gateway may answer /ready a poll before `up` sees the replica running
+        # and prints the curl to try; a user waits for that line, and so does this.
+        wait_for_line(tmp_path / "up.log", "curl -N -X POST", proc, 60)
         body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0}
         text, last = stream_chat(base, "smollm2", body)
         assert "Paris" in text, text

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.engine
 
 MODEL = "smollm2"
 TOKENS = 48
+OUTPUT_EVENTS = 2  # SSE events a stream has read before it counts as having output
 PROMPTS = [
     "The capital of France is",
     "Water boils at a temperature of",
@@ -58,8 +60,16 @@ async def complete(http: httpx.AsyncClient, prompt: str) -> str:
     return str(reply.json()["choices"][0]["text"])
 
 
-async def stream(http: httpx.AsyncClient, prompt: str, started: asyncio.Event) -> str:
-    """A greedy completion streamed; sets `started` once a few chunks came."""
+@dataclass
+class Progress:
+    """How far one client stream has come: SSE events read, and whether it ended."""
+
+    events: int = 0
+    done: bool = False
+
+
+async def stream(http: httpx.AsyncClient, prompt: str, progress: Progress) -> str:
+    """A greedy completion streamed, its progress kept in `progress`."""
     body = {
         "model": MODEL,
         "prompt": prompt,
@@ -69,14 +79,14 @@ async def stream(http: httpx.AsyncClient, prompt: str, started: asyncio.Event) -
         "ignore_eos": True,
     }
     raw = b""
-    chunks = 0
-    async with http.stream("POST", "/v1/completions", json=body) as reply:
-        assert reply.status_code == 200, await reply.aread()
-        async for chunk in reply.aiter_bytes():
-            raw += chunk
-            chunks += chunk.count(b"data: ")
-            if chunks >= 4:
-                started.set()
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200, await reply.aread()
+            async for chunk in reply.aiter_bytes():
+                raw += chunk
+                progress.events += chunk.count(b"data: ")
+    finally:
+        progress.done = True
     text = ""
     for name, data in sse_events(raw.decode()):
         assert name != "error" and not (isinstance(data, dict) and "error" in data), data
@@ -84,6 +94,50 @@ async def stream(http: httpx.AsyncClient, prompt: str, started: asyncio.Event) -
         if isinstance(choices, list) and choices:
             text += str(choices[0].get("text") or "")
     return text
+
+
+async def streams_cut_midway(
+    http: httpx.AsyncClient, fault: str, victim: Proc
+) -> tuple[list[str], int]:
+    """Stream every prompt and fail the victim while it runs some of them with output.
+
+    Both replicas share two cores, and one engine may run far ahead of the other:
+    the victim can finish its streams before the other replica's have begun. The
+    fault comes once the victim runs a request and every stream still going has
+    output (so the victim's have), polled as the streams run. Should every stream
+    end before that moment, they are run again, up to three times. Returns the
+    streams' texts and what the victim ran as it failed.
+    """
+    for _ in range(3):
+        progress = [Progress() for _ in PROMPTS]
+        streams = [
+            asyncio.create_task(stream(http, p, s)) for p, s in zip(PROMPTS, progress, strict=True)
+        ]
+        deadline = asyncio.get_running_loop().time() + 240
+        while not all(s.done for s in progress):
+            assert asyncio.get_running_loop().time() < deadline, "the streams did not progress"
+            going = [s for s in progress if not s.done]
+            running = (await asyncio.to_thread(health, victim.address)).load.running
+            if running and all(s.events >= OUTPUT_EVENTS for s in going):
+                fail(fault, victim)
+                return await asyncio.wait_for(asyncio.gather(*streams), 300), running
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*streams)
+    raise AssertionError("the victim finished its streams before the others had output, 3 times")
+
+
+def fail(fault: str, victim: Proc) -> None:
+    if fault == "replica":
+        victim.kill()
+        return
+    cores = [
+        p
+        for p in psutil.Process(victim.proc.pid).children(recursive=True)
+        if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
+    ]
+    assert cores, "no engine-core process under the replica"
+    for core in cores:
+        core.kill()
 
 
 async def run_with_fault(gateway: Proc, fault: str, victim: Proc) -> None:
@@ -101,25 +155,7 @@ async def run_with_fault(gateway: Proc, fault: str, victim: Proc) -> None:
             reply = await http.post("/v1/completions", json=body)
             assert reply.status_code == 200, reply.text
             references.append(str(reply.json()["choices"][0]["text"]))
-        events = [asyncio.Event() for _ in PROMPTS]
-        streams = [
-            asyncio.create_task(stream(http, p, e)) for p, e in zip(PROMPTS, events, strict=True)
-        ]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 240)
-        # What the victim runs as it fails, for the message should no stream move.
-        running = (await asyncio.to_thread(health, victim.address)).load.running
-        if fault == "replica":
-            victim.kill()
-        else:
-            cores = [
-                p
-                for p in psutil.Process(victim.proc.pid).children(recursive=True)
-                if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())
-            ]
-            assert cores, "no engine-core process under the replica"
-            for core in cores:
-                core.kill()
-        texts = await asyncio.wait_for(asyncio.gather(*streams), 300)
+        texts, running = await streams_cut_midway(http, fault, victim)
         assert texts == references
         metrics = (await http.get("/metrics")).text
     moved = sum(
