@@ -86,9 +86,9 @@ def chat(url: str, content: str, stream: bool = False, **extra: object) -> httpx
 def streamed_text(response: httpx.Response) -> str:
     text = ""
     for _, data in sse_events(response.text):
-        if isinstance(data, dict):
-            for choice in data.get("choices") or []:
-                text += (choice.get("delta") or {}).get("content") or ""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        for choice in choices if isinstance(choices, list) else []:
+            text += (choice.get("delta") or {}).get("content") or ""
     return text
 
 
@@ -137,8 +137,11 @@ def test_non_deterministic_request_is_never_cached(gateway: Proc, replica: Proc)
 
 
 def test_cache_control_no_cache_asks_the_engine(gateway: Proc, replica: Proc) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "fresh please"}]}
-    body["temperature"] = 0
+    body: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "fresh please"}],
+        "temperature": 0,
+    }
     url = f"{gateway.address}/v1/chat/completions"
     assert httpx.post(url, json=body).headers["x-cache"] == "MISS"
     before = sum(settled(replica, 1).values())
