@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect
 
-from gateway import metrics
+from gateway import metrics, tokenize_api
 from gateway.admission import ClientLimiter
 from gateway.api_keys import KeyStore
 from gateway.api_models import check_max_tokens
@@ -246,6 +246,11 @@ class Gateway:
                 hold = self.cold_starts.enter(router, send, fmt, rid)
                 await hold.wait(receive)
                 send = hold.send
+            out = inp.output
+            if out is not None and out.echo and inp.prompt_token_ids and not out.return_token_ids:
+                # A prompt of token ids is echoed as its text: a ready replica decodes it,
+                # after any hold for a replica to start.
+                out.echo_text = await tokenize_api.prompt_text(router, inp.prompt_token_ids)
             status = await self.generation.run(scope, receive, send, router, request)
         except ClientDisconnect:
             status = 499  # gone before its whole body: nothing to answer, nothing went wrong

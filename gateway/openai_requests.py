@@ -297,19 +297,8 @@ _PROMPT_SCHEMA: dict[str, Any] = {
 empty prompt; the field's type alone would allow one)."""
 
 
-def _completion_rules(schema: dict[str, Any]) -> None:
-    """The document says what `parse_completion` checks across fields: `echo` needs the
-    prompt as text (token ids are refused with it)."""
-    _openai_rules(schema)
-    echo_on = {"properties": {"echo": {"const": True}}, "required": ["echo"]}
-    as_text = {"properties": {"prompt": {"anyOf": _PROMPT_SCHEMA["anyOf"][:2]}}}
-    schema["allOf"].append({"if": echo_on, "then": as_text})
-
-
 class CompletionRequest(_OpenAIFields):
     """Body of `POST /v1/completions` (OpenAI's fields and vLLM's extensions)."""
-
-    model_config = ConfigDict(json_schema_extra=_completion_rules)
 
     prompt: Annotated[
         str | list[str] | list[TokenId] | list[list[TokenId]], WithJsonSchema(_PROMPT_SCHEMA)
@@ -317,7 +306,7 @@ class CompletionRequest(_OpenAIFields):
     """One prompt, not empty: a string or token ids (a list of one of either)."""
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     echo: bool | None = False
-    """Output starts with the prompt; needs the prompt as text, not token ids."""
+    """Output starts with the prompt (token ids are decoded to text by a replica)."""
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
@@ -656,9 +645,10 @@ def parse_completion(data: dict[str, Any], session_key: str | None) -> tuple[str
         out.logprobs = req.logprobs
         sampling.logprobs = req.logprobs
     if req.echo:
-        if prompt_ids:
-            raise ApiError(400, "echo: needs the prompt as text, not token ids", param="echo")
-        out.echo, out.echo_text = True, prompt
+        # With `return_token_ids` the prompt comes back as ids alone, its text not echoed
+        # (vLLM's way); a prompt of token ids is echoed as its text, which a replica
+        # decodes once the request is routed (`Gateway.serve`).
+        out.echo, out.echo_text = True, "" if req.return_token_ids else prompt
         if req.logprobs is not None:
             sampling.prompt_logprobs = req.logprobs
     structured = _structured(req.structured_outputs, req.response_format)

@@ -10,6 +10,7 @@ replica's INVALID_ARGUMENT (a token id out of the vocabulary...) is a 400.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -160,3 +161,17 @@ async def detokenize(router: ModelRouter, request: replica_pb2.DetokenizeRequest
     except grpc.aio.AioRpcError as exc:
         raise _failed(exc) from None
     return {"prompt": resp.prompt}
+
+
+async def prompt_text(router: ModelRouter, ids: Sequence[int]) -> str:
+    """The text of a prompt sent as token ids, for `echo`, decoded as `/detokenize` decodes
+    it (vLLM's server echoes such a prompt so); an id outside the vocabulary is a 400
+    naming `prompt`, as the generation itself would answer."""
+    try:
+        answer = await detokenize(router, replica_pb2.DetokenizeRequest(tokens=ids))
+    except ApiError as exc:
+        if exc.status != 400:
+            raise
+        reason = exc.message.removeprefix("tokens: ")
+        raise ApiError(400, f"prompt: {reason}", param="prompt") from None
+    return str(answer["prompt"])

@@ -197,6 +197,12 @@ def _cases() -> list[Case]:
     c += both(Case("completion-echo-logprobs", COMPLETIONS, completion(
         echo=True, logprobs=1, max_tokens=3
     )))
+    c += both(Case("completion-echo-token-ids", COMPLETIONS, completion(
+        prompt=TOKENS_HELLO_WORLD, echo=True, logprobs=1, max_tokens=3
+    )))
+    c += both(Case("completion-echo-return-token-ids", COMPLETIONS, completion(
+        echo=True, return_token_ids=True, max_tokens=3
+    )))
     # Structured outputs.
     c += both(Case("chat-json-object", CHAT, chat(
         "Give the capital of France as JSON.", response_format={"type": "json_object"},

@@ -135,6 +135,35 @@ def test_logprobs_chat_and_completions(url: str) -> None:
     assert elp is not None and elp.token_logprobs is not None and elp.token_logprobs[0] is None
 
 
+def test_echo_of_a_prompt_given_as_token_ids(url: str) -> None:
+    """The prompt's ids come back as their text, decoded as /detokenize decodes them."""
+    ids = httpx.post(f"{url}/tokenize", json={"model": MODEL, "prompt": "Once upon a"}).json()
+    text = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": ids["tokens"]})
+    prompt = text.json()["prompt"]
+    client = oai(url)
+    echo = client.completions.create(model=MODEL, prompt=ids["tokens"], max_tokens=2, echo=True)
+    plain = client.completions.create(model=MODEL, prompt=ids["tokens"], max_tokens=2)
+    assert echo.choices[0].text == prompt + plain.choices[0].text
+    streamed = client.completions.create(
+        model=MODEL, prompt=[ids["tokens"]], max_tokens=2, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == echo.choices[0].text
+    # With the ids asked back, the prompt comes back as ids, not as text (vLLM's way).
+    body = {"model": MODEL, "prompt": "Once upon a", "max_tokens": 2, "echo": True}
+    reply = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": True})
+    choice = reply.json()["choices"][0]
+    without = httpx.post(f"{url}/v1/completions", json={**body, "echo": False}).json()
+    assert choice["text"] == without["choices"][0]["text"]
+    assert choice["prompt_token_ids"] == ids["tokens"]
+    # An id outside the vocabulary is refused naming the prompt, as without echo.
+    bad = {**body, "prompt": [ids["tokens"][0], 2**30]}
+    for echoed in (True, False):
+        reply = httpx.post(f"{url}/v1/completions", json={**bad, "echo": echoed})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == "prompt" and "vocabulary" in error["message"], error
+
+
 def test_forced_tool_calls_through_the_openai_client(url: str) -> None:
     client = oai(url)
     named = client.chat.completions.create(
