@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from loadtest.bench_gateway import Procs, free_port, normalise, run_load, wait_http, window_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,39 +139,21 @@ def profile(args: argparse.Namespace, pids: dict[str, int], label: str, stamp: s
         )
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and every process below it, from the parent links in `/proc`."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
 def cpu_by_role(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds used so far by each role: vLLM's model worker and engine core
     wherever they run, everything else under the watched name that started it."""
-    ticks = os.sysconf("SC_CLK_TCK")
     used: dict[str, float] = {}
     for name, root in pids.items():
-        for pid in process_tree(root):
+        try:
+            top = psutil.Process(root)
+            tree = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in tree:
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
+                comm, times = proc.name(), proc.cpu_times()
+            except psutil.NoSuchProcess:
                 continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
             role = (
                 "worker"
                 if comm.startswith("VLLM::Worker")
@@ -177,7 +161,7 @@ def cpu_by_role(pids: dict[str, int]) -> dict[str, float]:
                 if comm.startswith("VLLM::EngineCor")
                 else name
             )
-            used[role] = used.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+            used[role] = used.get(role, 0.0) + times.user + times.system
     return used
 
 

@@ -5,13 +5,13 @@ wherever in the tree it runs."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
 
-from loadtest.bench_vs_vllm import cpu_by_role, process_tree
+import psutil
+
+from loadtest.bench_vs_vllm import cpu_by_role
 
 # A parent that starts two children which spin for half a second then sleep; the
 # second renames itself the way vLLM's worker process does.
@@ -34,15 +34,15 @@ def test_children_count_to_their_parent_and_vllm_s_processes_to_their_role() -> 
         while time.monotonic() < deadline and min(used.get("worker", 0), used["server"]) < 0.4:
             time.sleep(0.1)
             used = cpu_by_role({"server": parent.pid})
-        assert len(process_tree(parent.pid)) == 3
+        assert len(psutil.Process(parent.pid).children(recursive=True)) == 2
         # Each spinning child used about half a second; the renamed one is the
         # worker's, the other is added to its parent's.
         assert set(used) == {"server", "worker"}
         assert used["worker"] >= 0.4
         assert used["server"] >= 0.4
     finally:
-        for pid in process_tree(parent.pid)[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         parent.kill()
         parent.wait()
