@@ -30,12 +30,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 """gRPC's sockets are polled by the thread that polls its completion queue
 (gRPC's own iomgr poller) instead of handed across EventEngine's thread
-pool. A message between two of our processes then wakes about 4 threads
-instead of 13-14, at two thirds of the CPU (measured on one ping-pong
-stream); with an engine whose worker threads meet at a barrier every
-operation, fewer wakes beside it is throughput. gRPC reads this when it is
-first imported, so it is set before a role's modules are; a value the
-operator set wins."""
+pool. A message and its answer between two processes then take 10-12
+context switches instead of 17 and about two thirds of the CPU
+(`python -m loadtest.grpc_hops`); beside an engine whose worker threads
+meet at a barrier in every operation, fewer wakes leave it its cores.
+gRPC reads this when it is first imported, so it is set before a role's
+modules are; a value the operator set wins."""
 
 
 def main(argv: list[str] | None = None) -> int:
