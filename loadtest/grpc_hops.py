@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in range(1, args.rounds + 1):
         for name, setting in SETTINGS.items():
             r = measure(setting, args.messages)
+            shown = f"`{setting}`" if setting else "(empty)"
             print(
-                f"| {n} | {name} | `{setting}` | {r['rtt_p50_us']:.0f} / "
+                f"| {n} | {name} | {shown} | {r['rtt_p50_us']:.0f} / "
                 f"{r['rtt_p99_us']:.0f} | {r['cpu_us']:.0f} | {r['switches']:.1f} |",
                 flush=True,
             )
