@@ -1,7 +1,8 @@
 """The gRPC setting every role runs with (`mss.cli.GRPC_EXPERIMENTS`) takes effect.
 
-gRPC ignores an experiment it does not know, so a gRPC release that dropped
-these two would leave the setting silently without effect: this measures it.
+gRPC only logs an experiment it does not know ("Unknown experiment") and goes
+on, so a gRPC release that dropped these two would leave the setting without
+effect and the serving path with its extra wakes: this measures it.
 Context switches are counted, not timed, so the comparison holds on a busy
 machine (18 against 10 per round trip with two cores kept busy beside it).
 """
