@@ -294,10 +294,14 @@ class VllmEngine(Engine):
         pending_prompt: list[int] | None = prepared.prompt_token_ids
         prompt_logprobs: list[replica_pb2.TokenLogprob] | None = None
         produced = 0
+        # The engine's renderer turns the token prompt into the engine's input, as
+        # vLLM's own server does; AsyncLLM would do the same for a raw prompt, with a
+        # warning that it will stop taking them.
+        (engine_input,) = self._llm.renderer.render_cmpl(
+            [{"prompt_token_ids": prepared.prompt_token_ids}]
+        )
         outputs = self._llm.generate(
-            {"prompt_token_ids": prepared.prompt_token_ids},
-            prepared.engine_params,
-            request_id=prepared.request_id,
+            engine_input, prepared.engine_params, request_id=prepared.request_id
         )
         try:
             async for out in outputs:
