@@ -41,6 +41,11 @@ SETTINGS = {"grpc default": "", "mss": GRPC_EXPERIMENTS}
 SERVICE, METHOD = "hops.Echo", "Chat"
 
 
+def same(raw: bytes) -> bytes:
+    """Messages are raw bytes both ways: no serialization to measure."""
+    return raw
+
+
 def switches(pid: int) -> int:
     """Voluntary plus involuntary context switches of every thread of `pid` so far."""
     total = 0
@@ -64,9 +69,6 @@ async def serve() -> None:
         async for message in requests:
             yield message
 
-    def same(raw: bytes) -> bytes:
-        return raw
-
     server = aio.server()
     handler = grpc.stream_stream_rpc_method_handler(chat, same, same)
     server.add_generic_rpc_handlers(
@@ -82,9 +84,6 @@ async def serve() -> None:
 async def drive(port: int, server_pid: int, messages: int) -> dict[str, float]:
     """The client side: ping-pong `messages` times after a warm-up, measuring both processes."""
     from grpc import aio
-
-    def same(raw: bytes) -> bytes:
-        return raw
 
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
     call = channel.stream_stream(
