@@ -47,7 +47,8 @@ def same(raw: bytes) -> bytes:
 
 
 def switches(pid: int) -> int:
-    """Voluntary plus involuntary context switches of every thread of `pid` so far."""
+    """Voluntary plus involuntary context switches of every thread of `pid` so far (psutil's
+    `num_ctx_switches` counts the main thread's alone, and gRPC's work is on others)."""
     total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
