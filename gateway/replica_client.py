@@ -418,8 +418,8 @@ class GenerateStream:
                 # written once the whole reply is handed out: one write per client per
                 # reply, however many of its steps the reply holds.
                 # Two lists, not one of pairs: a pair per token is an object the garbage
-                # collector tracks, and at a thousand streams the pairs of one reply set
-                # off about a third of its young passes.
+                # collector tracks, and at a thousand streams these pairs set off about a
+                # third of its young passes.
                 later_sinks: list[RequestSink] = []
                 later: list[replica_pb2.RequestDelta] = []
                 flush: list[RequestSink] = []
